@@ -1,0 +1,1 @@
+"""Benchmarks: they measure speed, bytes and quality and write what they found to docs/benchmarks.md."""

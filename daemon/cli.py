@@ -1,0 +1,114 @@
+"""The ``locod`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from daemon.settings import ALGORITHM, build_algorithm, click_options, resolve
+
+# A simulation is a short run: sync often enough to see several rounds of every fragment.
+_SIMULATE_DEFAULTS = {"inner_steps": 25, "warmup_steps": 20}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="locod")
+def locod() -> None:
+    """Train one language model across many sites with Streaming DiLoCo."""
+
+
+@locod.command(context_settings={"default_map": _SIMULATE_DEFAULTS})
+@click.option("--peers", type=int, default=2, show_default=True, help="M: simulated peers.")
+@click.option("--method", type=click.Choice(["ddp", "diloco", "streaming"]),
+              default="streaming", show_default=True,
+              help="ddp: gradients averaged every step; diloco: P=1, τ=0, α=0; streaming.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Inner steps per peer.")
+@click.option("--eval-every", "eval_every", type=int, default=0,
+              help="Evaluate every N steps (0: five times a run).")
+@click.option("--eval-batches", "eval_batches", type=int, default=16, show_default=True,
+              help="Held-out batches per evaluation.")
+@click.option("--final-sync/--no-final-sync", "final_sync", default=True, show_default=True,
+              help="Sync every fragment once more at the end, so θ_g holds all training.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="TOML file of settings (flags and LOCOD_* override it).")
+@click_options(ALGORITHM)
+@click.pass_context
+def simulate(ctx: click.Context, peers: int, method: str, steps: int, eval_every: int,
+             eval_batches: int, final_sync: bool, as_json: bool, config_file: Path | None,
+             **options: Any) -> None:
+    """Run M peers in this process and report loss and traffic."""
+    from peer.data import CorpusError, load_corpus
+    from peer.simulator import SimulationConfig, simulate as run_simulation
+
+    resolved = resolve(ctx, options, ALGORITHM, config_file)
+    values = dict(resolved.values)
+    if method == "diloco":
+        _apply_diloco(resolved.explicit, values)
+    if method == "ddp" and "wire" not in resolved.explicit:
+        values["wire"] = "fp32"
+    if "decay_steps" not in resolved.explicit:
+        values["decay_steps"] = steps
+    inner, outer = build_algorithm(values)
+    try:
+        cfg = SimulationConfig(
+            method=method, peers=peers, steps=steps, model=values["model"], seed=values["seed"],
+            eval_every=eval_every, eval_batches=eval_batches, final_sync=final_sync,
+            device=values["device"], inner=inner, outer=outer,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    try:
+        corpus = load_corpus(values["data"] or None, cache_dir=values["cache_dir"])
+    except CorpusError as error:
+        raise click.UsageError(str(error)) from error
+    say = _stderr
+    say(f"corpus: {corpus.description}")
+    try:
+        result = run_simulation(cfg, corpus, progress=say)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    if as_json:
+        click.echo(json.dumps(result.as_json()))
+        return
+    rows = [
+        ("method", result.method), ("peers", result.peers), ("model", result.model),
+        ("parameters", f"{result.parameters:,}"), ("fragments", result.fragments),
+        ("inner steps H", result.inner_steps), ("overlap τ", result.overlap),
+        ("alpha α", result.alpha), ("wire", result.wire), ("steps", result.steps),
+        ("tokens", f"{result.tokens:,}"), ("train loss", result.train_loss),
+        ("eval loss (outer θ_g)", result.eval_loss),
+        ("eval loss (replicas, mean)", result.eval_loss_replicas),
+        ("eval loss (replicas averaged)", result.eval_loss_replica_average),
+        ("bytes sent per peer", f"{result.bytes_sent_per_peer:,.0f}"),
+        ("peak bytes per sync", f"{result.peak_bytes_per_sync:,.0f}"),
+        ("rounds", result.rounds), ("wall time (s)", result.wall_s),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        if value is not None:
+            click.echo(f"{name:<{width}}  {value}")
+
+
+def _apply_diloco(explicit: frozenset[str], values: dict[str, Any]) -> None:
+    """DiLoCo is Streaming DiLoCo with P = 1, τ = 0, α = 0; refuse settings that contradict it."""
+    required = {"fragments": 1, "overlap": 0, "alpha": 0.0}
+    for key, value in required.items():
+        if key in explicit and values[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise click.UsageError(f"--method diloco means {flag} {value}; drop {flag} or use "
+                                   "--method streaming")
+        values[key] = value
+
+
+def _stderr(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(locod.main(standalone_mode=True))
