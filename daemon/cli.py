@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from daemon.config import START_SETTINGS
 from daemon.settings import ALGORITHM, build_algorithm, click_options, resolve
 
 # A simulation is a short run: sync often enough to see several rounds of every fragment.
@@ -103,6 +104,66 @@ def _apply_diloco(explicit: frozenset[str], values: dict[str, Any]) -> None:
             raise click.UsageError(f"--method diloco means {flag} {value}; drop {flag} or use "
                                    "--method streaming")
         values[key] = value
+
+
+@locod.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="TOML file of settings (flags and LOCOD_* override it).")
+@click.option("--check", is_flag=True, help="Validate the configuration and exit.")
+@click_options(START_SETTINGS)
+@click.pass_context
+def start(ctx: click.Context, config_file: Path | None, check: bool, **options: Any) -> None:
+    """Start a peer: a new run, or (with --join) the run of another site."""
+    from daemon.config import build_daemon_config
+
+    resolved = resolve(ctx, options, START_SETTINGS, config_file)
+    cfg = build_daemon_config(resolved.values, resolved.explicit)
+    if check:
+        from daemon.faults import FaultPlan
+
+        try:
+            FaultPlan.parse(cfg.faults)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from error
+        click.echo(f"configuration is valid (run config hash {cfg.run.hash})")
+        for name, value in sorted(cfg.loggable().items()):
+            click.echo(f"  {name} = {value!r}  [{resolved.sources[name]}]")
+        return
+    from daemon.node import Daemon, StartError
+
+    try:
+        code = Daemon(cfg).run()
+    except StartError as error:
+        raise click.ClickException(str(error)) from error
+    sys.exit(code)
+
+
+@locod.command()
+@click.argument("address", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--state-dir", "state_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("locod-state"), show_default=True,
+              help="Find the daemon through this state dir when no ADDRESS is given.")
+@click.option("--key", default="", envvar="LOCOD_KEY", help="Key of a private run.")
+@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
+              help="Seconds to wait for the daemon.")
+def status(address: str | None, as_json: bool, state_dir: Path, key: str,
+           timeout_s: float) -> None:
+    """Show what the daemon at ADDRESS (HOST:PORT) is doing."""
+    from daemon.node import read_info
+    from daemon.status import StatusUnavailable, query_status, render_status
+
+    if address is None:
+        info = read_info(state_dir)
+        if info is None:
+            raise click.ClickException(
+                f"no running daemon found in {state_dir}; give its address (HOST:PORT)")
+        address = str(info["listen"]).replace("0.0.0.0:", "127.0.0.1:")
+    try:
+        result = query_status(address, key=key, timeout_s=timeout_s)
+    except StatusUnavailable as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(json.dumps(result) if as_json else render_status(result))
 
 
 def _stderr(line: str) -> None:

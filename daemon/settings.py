@@ -112,13 +112,15 @@ def click_options(settings: Iterable[Setting]) -> Callable[[F], F]:
                 "hidden": s.hidden,
                 "show_default": not s.secret and s.default not in (None, (), ""),
             }
+            declaration = s.flag
             if s.is_flag:
-                kwargs.update(is_flag=True, default=s.default)
+                declaration = f"{s.flag}/--no-{s.flag[2:]}"
+                kwargs.update(default=s.default)
             else:
                 kwargs.update(type=s.type, default=s.default, multiple=s.multiple)
             if s.metavar:
                 kwargs["metavar"] = s.metavar
-            func = click.option(s.flag, s.name, **kwargs)(func)
+            func = click.option(declaration, s.name, **kwargs)(func)
         return func
 
     return decorate

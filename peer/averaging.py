@@ -43,11 +43,12 @@ class SyncResult:
     """The group's answer for a round."""
 
     mean: torch.Tensor | None
-    """Δ̄, decoded from the bytes every member received; None when ``adopt`` is given."""
+    """Δ̄, decoded from the bytes every member received; applied after ``adopt`` if both."""
     group_size: int
     """How many peers' contributions are in the mean."""
     adopt: FragmentState | None = None
-    """Post-round state to take instead of applying ``mean`` (repair of a diverged copy)."""
+    """The group's state, taken before applying ``mean`` (repair of a diverged copy): the
+    pre-round state with a mean, or the post-round state with ``mean`` None."""
     duration_s: float = 0.0
     """Wall time from start to result, as the averager saw it."""
 

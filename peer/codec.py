@@ -35,6 +35,7 @@ encode/decode run on an executor's threads.
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 import threading
@@ -157,18 +158,23 @@ def encode(x: torch.Tensor, fmt: WireFormat, *, generator: torch.Generator | Non
             f"{q.numel} values make a {body_len}-byte body, over the {MAX_BODY_LEN}-byte "
             "limit of one payload; send the tensor in parts"
         )
-    parts = [_tensor_bytes(q.scales)] if q.scales is not None else []
-    parts.append(_tensor_bytes(q.codes))
-    body = b"".join(parts)
+    # Views of the tensors' memory, not copies: the only copy of the body is the final join.
+    parts: list[bytes | memoryview] = [_le_bytes(q.scales)] if q.scales is not None else []
+    parts.append(_le_bytes(q.codes))
     flags = 0
     if fmt.zstd_level:
-        body = _compressor(fmt.zstd_level).compress(body)
+        # Streamed part by part; ``size`` puts the content size in the frame header,
+        # which decode requires to equal body_len.
+        zobj = _compressor(fmt.zstd_level).compressobj(size=body_len)
+        parts = [*(zobj.compress(part) for part in parts), zobj.flush()]
         flags |= FLAG_ZSTD
-    fields = _HEADER.pack(
+    prefix = _HEADER.pack(
         MAGIC, VERSION, CODEC_IDS[fmt.codec], flags, 0, fmt.block_size, q.numel, body_len, 0
-    )
-    crc = zlib.crc32(body, zlib.crc32(fields[:_CRC_OFFSET]))
-    return b"".join([fields[:_CRC_OFFSET], struct.pack("<I", crc), body])
+    )[:_CRC_OFFSET]
+    crc = zlib.crc32(prefix)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join([prefix, struct.pack("<I", crc), *parts])
 
 
 def read_header(payload: bytes | bytearray | memoryview, *, max_numel: int = 1 << 31) -> Header:
@@ -177,12 +183,11 @@ def read_header(payload: bytes | bytearray | memoryview, *, max_numel: int = 1 <
     Cheap (no checksum, no decompression), so a receiver can refuse a payload of the wrong
     size or codec before reading the rest of it.
     """
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-    if len(payload) < HEADER_SIZE:
-        raise CodecError(f"payload of {len(payload)} bytes is shorter than the header")
+    view = _byte_view(payload)
+    if len(view) < HEADER_SIZE:
+        raise CodecError(f"payload of {len(view)} bytes is shorter than the header")
     magic, version, codec_id, flags, reserved, block_size, numel, body_len, crc = (
-        _HEADER.unpack_from(payload)
+        _HEADER.unpack_from(view)
     )
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a locod payload")
@@ -227,7 +232,7 @@ def decode(
         raise CodecError(f"payload holds {header.numel} values, expected {expected_numel}")
     if expected_codec is not None and header.codec != expected_codec:
         raise CodecError(f"payload codec is {header.codec}, expected {expected_codec}")
-    view = memoryview(payload).cast("B")
+    view = _byte_view(payload)
     transmitted = view[HEADER_SIZE:]
     if header.compressed:
         if len(transmitted) > _zstd_bound(header.body_len):
@@ -246,13 +251,18 @@ def decode(
         _decompress(transmitted, header.body_len) if header.compressed else bytearray(transmitted)
     )
     q = _unpack(header, body)
-    if q.scales is not None and not bool(((q.scales >= 0) & torch.isfinite(q.scales)).all()):
-        raise CodecError("a block scale is negative, NaN or Inf")
-    if header.codec == "int8" and bool((q.codes == -128).any()):
+    if q.scales is not None and q.numel:
+        low, high = torch.aminmax(q.scales)
+        if not (float(low) >= 0 and math.isfinite(float(high))):
+            raise CodecError("a block scale is negative, NaN or Inf")
+    if header.codec == "int8" and q.numel and int(q.codes.min()) == -128:
         raise CodecError("int8 code -128 is outside the format's symmetric range")
-    values = dequantize(q)
-    if not bool(torch.isfinite(values).all()):
-        raise CodecError("payload decodes to NaN or Inf")
+    # fp32 codes already sit in memory of their own (the body buffer): no second copy.
+    values = q.codes if header.codec == "fp32" else dequantize(q)
+    if values.numel():
+        low, high = torch.aminmax(values)  # NaN anywhere makes both NaN
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            raise CodecError("payload decodes to NaN or Inf")
     return values
 
 
@@ -332,12 +342,22 @@ def _unpack(header: Header, body: bytearray) -> Quantized:
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """The tensor's elements as little-endian bytes."""
+def _byte_view(payload: bytes | bytearray | memoryview) -> memoryview:
+    """``payload`` as a flat memoryview of bytes, or CodecError for anything else."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+    try:
+        return memoryview(payload).cast("B")
+    except TypeError as e:  # a strided or multi-dimensional view
+        raise CodecError(f"payload must be contiguous bytes: {e}") from e
+
+
+def _le_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's elements as little-endian bytes, without a copy where possible."""
     raw = t.contiguous().view(torch.uint8)
     if _BIG_ENDIAN and t.element_size() > 1:
         raw = raw.view(-1, t.element_size()).flip(1).reshape(-1)
-    return raw.numpy().tobytes()
+    return raw.numpy().data
 
 
 def _from_le(buf: bytearray, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:

@@ -177,8 +177,10 @@ def load_corpus(sources: Sequence[str] | None = None, *, cache_dir: Path | None 
     meta = json.loads(meta_path.read_text())
     if meta["train_files"] == 0 or meta["heldout_files"] == 0:
         # Tiny corpora (a file or two) have no held-out file by hash: hold out the tail instead.
-        train_path, heldout_path = cache.with_suffix(".train"), cache.with_suffix(".heldout")
-        whole = np.concatenate([_map(train_path), _map(heldout_path)])
+        # One split file is empty; slice the other one's map rather than concatenating, which
+        # would copy a corpus of a few large files into memory.
+        only = "train" if meta["train_files"] else "heldout"
+        whole = _map(cache.with_suffix(f".{only}"))
         cut = max(1, len(whole) * (100 - HELDOUT_PERCENT) // 100)
         train, heldout = whole[:cut], whole[cut:]
     else:

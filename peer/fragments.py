@@ -128,6 +128,16 @@ def sync_step(fragment: int, round_index: int, num_fragments: int, inner_steps: 
     return offset(fragment, num_fragments, inner_steps) + (round_index + 1) * inner_steps
 
 
+def next_sync_step(step: int, num_fragments: int, inner_steps: int) -> int:
+    """The first step after ``step`` at which some fragment syncs."""
+    candidates = []
+    for p in range(num_fragments):
+        t_p = offset(p, num_fragments, inner_steps)
+        k = max(1, (step - t_p) // inner_steps + 1)
+        candidates.append(t_p + k * inner_steps)
+    return min(candidates)
+
+
 def flatten(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate parameters into one fp32 CPU vector (a new tensor)."""
     if not params:

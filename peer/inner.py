@@ -82,16 +82,16 @@ def learning_rate(step: int, cfg: InnerConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Optimizer:
-    """AdamW (decay on matrices only) or plain SGD, at the warmup's first rate."""
+    """AdamW or plain SGD, weight decay on matrices only, at the warmup's first rate."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 

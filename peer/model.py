@@ -41,6 +41,11 @@ class ModelConfig:
             raise ValueError(
                 f"model d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
             )
+        if self.vocab_size < VOCAB_SIZE:
+            raise ValueError(
+                f"model vocab_size must be at least {VOCAB_SIZE} (one id per byte), "
+                f"got {self.vocab_size}"
+            )
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

@@ -80,6 +80,16 @@ class SimulationConfig:
                 "ddp averages raw gradients: use --wire fp32 or --wire bf16 with --method ddp"
             )
         model_config(self.model)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(
+                f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:1, ..."
+            ) from None
+        if device.type == "cuda" and (
+            not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+        ):
+            raise ValueError(f"device {self.device!r} is not available here; use --device cpu")
 
 
 @dataclass(slots=True)
@@ -197,7 +207,9 @@ class InMemoryAverager:
 def _resolve_outer(cfg: SimulationConfig, num_blocks: int) -> OuterConfig:
     outer = copy.copy(cfg.outer)
     if cfg.method == "diloco":
-        outer.fragments = 1
+        # DiLoCo is Streaming DiLoCo with P = 1, τ = 0, α = 0 (DESIGN §1), whatever the
+        # outer config says; the CLI refuses flags that contradict this.
+        outer.fragments, outer.overlap, outer.alpha = 1, 0, 0.0
     elif outer.fragments == 0:
         outer.fragments = auto_fragment_count(num_blocks)
     validate_fragment_count(outer.fragments, num_blocks)

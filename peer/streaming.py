@@ -16,6 +16,7 @@ DiLoCo (arXiv 2311.08105) is the special case P = 1, τ = 0, α = 0.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,9 @@ class StreamingDiLoCo:
         self.tokens_since = [0.0] * len(self.fragments)
         self.in_flight: dict[int, _InFlight] = {}
         self.stats = OuterStats()
+        # Held while θ_g or m change, so another thread (a daemon serving its state to a
+        # newcomer) can copy a consistent snapshot. Never held while waiting on the network.
+        self.lock = threading.RLock()
 
     @property
     def num_fragments(self) -> int:
@@ -209,10 +213,18 @@ class StreamingDiLoCo:
         self.log(f"fragment {p} round {flight.round} {outcome}: {reason}")
 
     def _apply(self, p: int, flight: _InFlight, result: SyncResult) -> None:
+        if result.adopt is None and result.mean is None:
+            raise ValueError("a SyncResult needs a mean or a state to adopt")
+        with self.lock:
+            self._apply_locked(p, flight, result)
+
+    def _apply_locked(self, p: int, flight: _InFlight, result: SyncResult) -> None:
         if result.adopt is not None:
+            # Repair: take the group's state (pre-round, with a mean to apply on top, or
+            # post-round, with none).
             self.adopt(p, result.adopt)
             self.stats.repairs += 1
-        elif result.mean is not None:
+        if result.mean is not None:
             nesterov_step(
                 self.global_params[p],
                 self.momentum[p],
@@ -221,8 +233,6 @@ class StreamingDiLoCo:
                 momentum_factor=self.cfg.outer_momentum,
                 nesterov=self.cfg.nesterov,
             )
-        else:
-            raise ValueError("a SyncResult needs a mean or a state to adopt")
         params = self.fragments[p].params
         assign_flat(params, merge(flatten(params), self.global_params[p], self.cfg.alpha))
         self.stats.rounds_applied += 1
@@ -242,8 +252,14 @@ class StreamingDiLoCo:
                 raise ValueError(
                     f"fragment {p} {name} state has {tensor.numel()} values, expected {expected}"
                 )
-        self.global_params[p] = state.global_params.to(torch.float32).clone()
-        self.momentum[p] = state.momentum.to(torch.float32).clone()
+        with self.lock:
+            self.global_params[p] = state.global_params.to(torch.float32).clone()
+            self.momentum[p] = state.momentum.to(torch.float32).clone()
+
+    def mark_round(self, p: int, round_index: int) -> None:
+        """Record that fragment p's outer state is as of ``round_index`` (after a download)."""
+        self.stats.last[p] = RoundRecord(round=round_index, applied=round_index >= 0,
+                                         outcome="downloaded")
 
     def reset_local_to_global(self) -> None:
         """θ ← θ_g for every fragment (a joiner starts from the downloaded state)."""

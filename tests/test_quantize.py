@@ -144,7 +144,7 @@ HUGE_RANGE = [
     1e-45,  # the smallest subnormal
     -1e-40,
     3.3961e38,  # rounds to Inf in a plain float32 -> bf16 cast
-    -2.0**-126,
+    -(2.0**-126),
 ]
 
 

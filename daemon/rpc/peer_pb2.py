@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13locod/v1/peer.proto\x12\x08locod.v1\"r\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_only\x18\x03 \x01(\x08\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x13\n\x0bglobal_hash\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x03\"*\n\x0bPingRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\"o\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x13\n\x0b\x63onfig_hash\x18\x06 \x01(\t\"\x84\x01\n\x0bJoinRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x66ragment\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12 \n\x06member\x18\x04 \x01(\x0b\x32\x10.locod.v1.Member\x12\x10\n\x08protocol\x18\x05 \x01(\x05\x12\x13\n\x0b\x63onfig_hash\x18\x06 \x01(\t\"\xac\x02\n\nGroupReply\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.locod.v1.GroupReply.Status\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12!\n\x07members\x18\x03 \x03(\x0b\x32\x10.locod.v1.Member\x12\x15\n\rdeadline_unix\x18\x04 \x01(\x01\x12\x18\n\x10redirect_address\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rmajority_hash\x18\x07 \x01(\t\x12\x10\n\x08run_step\x18\x08 \x01(\x03\"Q\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0c\n\x08REDIRECT\x10\x02\x12\x0c\n\x08TOO_LATE\x10\x03\x12\x0b\n\x07REFUSED\x10\x04\"\xb8\x01\n\x0cReduceHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ragment\x18\x03 \x01(\x05\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04part\x18\x05 \x01(\x05\x12\x0e\n\x06sender\x18\x06 \x01(\t\x12\x0e\n\x06weight\x18\x07 \x01(\x01\x12\r\n\x05numel\x18\x08 \x01(\x03\x12\x15\n\rpayload_bytes\x18\t \x01(\x03\x12\x14\n\x0c\x63ontributors\x18\n \x01(\x05\"\x0b\n\tReduceEnd\"\x1e\n\x0bReduceError\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x9e\x01\n\rReduceMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.locod.v1.ReduceHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.locod.v1.ReduceEndH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.locod.v1.ReduceErrorH\x00\x42\x06\n\x04\x62ody\"F\n\x14StateManifestRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\tfragments\x18\x03 \x03(\x05\"U\n\x0bStateTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x63hunk_hashes\x18\x04 \x03(\t\"\xa4\x01\n\rStateManifest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x03(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.locod.v1.StateTensor\x12\x15\n\rglobal_hashes\x18\x06 \x03(\t\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\"R\n\x11StateChunkRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\"\x1a\n\nStateChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"+\n\x0bLeaveNotice\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k\"/\n\x0f\x44ialBackRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"3\n\rDialBackReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xb4\x03\n\x04Peer\x12\x32\n\x04Ping\x12\x15.locod.v1.PingRequest\x1a\x13.locod.v1.PingReply\x12\x38\n\tJoinGroup\x12\x15.locod.v1.JoinRequest\x1a\x14.locod.v1.GroupReply\x12>\n\x06Reduce\x12\x17.locod.v1.ReduceMessage\x1a\x17.locod.v1.ReduceMessage(\x01\x30\x01\x12K\n\x10GetStateManifest\x12\x1e.locod.v1.StateManifestRequest\x1a\x17.locod.v1.StateManifest\x12\x42\n\rGetStateChunk\x12\x1b.locod.v1.StateChunkRequest\x1a\x14.locod.v1.StateChunk\x12-\n\x05Leave\x12\x15.locod.v1.LeaveNotice\x1a\r.locod.v1.Ack\x12>\n\x08\x44ialBack\x12\x19.locod.v1.DialBackRequest\x1a\x17.locod.v1.DialBackReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13locod/v1/peer.proto\x12\x08locod.v1\"r\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_only\x18\x03 \x01(\x08\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x13\n\x0bglobal_hash\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x03\"*\n\x0bPingRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\"o\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x13\n\x0b\x63onfig_hash\x18\x06 \x01(\t\"\x84\x01\n\x0bJoinRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08\x66ragment\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12 \n\x06member\x18\x04 \x01(\x0b\x32\x10.locod.v1.Member\x12\x10\n\x08protocol\x18\x05 \x01(\x05\x12\x13\n\x0b\x63onfig_hash\x18\x06 \x01(\t\"\xd6\x02\n\nGroupReply\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.locod.v1.GroupReply.Status\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12!\n\x07members\x18\x03 \x03(\x0b\x32\x10.locod.v1.Member\x12\x15\n\rdeadline_unix\x18\x04 \x01(\x01\x12\x18\n\x10redirect_address\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x15\n\rmajority_hash\x18\x07 \x01(\t\x12\x10\n\x08run_step\x18\x08 \x01(\x03\x12\x12\n\nopen_for_s\x18\t \x01(\x01\x12\x14\n\x0c\x63losed_ago_s\x18\n \x01(\x01\"Q\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0c\n\x08REDIRECT\x10\x02\x12\x0c\n\x08TOO_LATE\x10\x03\x12\x0b\n\x07REFUSED\x10\x04\"\xb8\x01\n\x0cReduceHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ragment\x18\x03 \x01(\x05\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04part\x18\x05 \x01(\x05\x12\x0e\n\x06sender\x18\x06 \x01(\t\x12\x0e\n\x06weight\x18\x07 \x01(\x01\x12\r\n\x05numel\x18\x08 \x01(\x03\x12\x15\n\rpayload_bytes\x18\t \x01(\x03\x12\x14\n\x0c\x63ontributors\x18\n \x01(\x05\"\x0b\n\tReduceEnd\"\x1e\n\x0bReduceError\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x9e\x01\n\rReduceMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.locod.v1.ReduceHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.locod.v1.ReduceEndH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.locod.v1.ReduceErrorH\x00\x42\x06\n\x04\x62ody\"F\n\x14StateManifestRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\tfragments\x18\x03 \x03(\x05\"U\n\x0bStateTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x63hunk_hashes\x18\x04 \x03(\t\"\xa4\x01\n\rStateManifest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x03(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.locod.v1.StateTensor\x12\x15\n\rglobal_hashes\x18\x06 \x03(\t\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\"R\n\x11StateChunkRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\"\x1a\n\nStateChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"+\n\x0bLeaveNotice\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k\"/\n\x0f\x44ialBackRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"3\n\rDialBackReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xb4\x03\n\x04Peer\x12\x32\n\x04Ping\x12\x15.locod.v1.PingRequest\x1a\x13.locod.v1.PingReply\x12\x38\n\tJoinGroup\x12\x15.locod.v1.JoinRequest\x1a\x14.locod.v1.GroupReply\x12>\n\x06Reduce\x12\x17.locod.v1.ReduceMessage\x1a\x17.locod.v1.ReduceMessage(\x01\x30\x01\x12K\n\x10GetStateManifest\x12\x1e.locod.v1.StateManifestRequest\x1a\x17.locod.v1.StateManifest\x12\x42\n\rGetStateChunk\x12\x1b.locod.v1.StateChunkRequest\x1a\x14.locod.v1.StateChunk\x12-\n\x05Leave\x12\x15.locod.v1.LeaveNotice\x1a\r.locod.v1.Ack\x12>\n\x08\x44ialBack\x12\x19.locod.v1.DialBackRequest\x1a\x17.locod.v1.DialBackReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=307
   _globals['_JOINREQUEST']._serialized_end=439
   _globals['_GROUPREPLY']._serialized_start=442
-  _globals['_GROUPREPLY']._serialized_end=742
-  _globals['_GROUPREPLY_STATUS']._serialized_start=661
-  _globals['_GROUPREPLY_STATUS']._serialized_end=742
-  _globals['_REDUCEHEADER']._serialized_start=745
-  _globals['_REDUCEHEADER']._serialized_end=929
-  _globals['_REDUCEEND']._serialized_start=931
-  _globals['_REDUCEEND']._serialized_end=942
-  _globals['_REDUCEERROR']._serialized_start=944
-  _globals['_REDUCEERROR']._serialized_end=974
-  _globals['_REDUCEMESSAGE']._serialized_start=977
-  _globals['_REDUCEMESSAGE']._serialized_end=1135
-  _globals['_STATEMANIFESTREQUEST']._serialized_start=1137
-  _globals['_STATEMANIFESTREQUEST']._serialized_end=1207
-  _globals['_STATETENSOR']._serialized_start=1209
-  _globals['_STATETENSOR']._serialized_end=1294
-  _globals['_STATEMANIFEST']._serialized_start=1297
-  _globals['_STATEMANIFEST']._serialized_end=1461
-  _globals['_STATECHUNKREQUEST']._serialized_start=1463
-  _globals['_STATECHUNKREQUEST']._serialized_end=1545
-  _globals['_STATECHUNK']._serialized_start=1547
-  _globals['_STATECHUNK']._serialized_end=1573
-  _globals['_LEAVENOTICE']._serialized_start=1575
-  _globals['_LEAVENOTICE']._serialized_end=1618
-  _globals['_ACK']._serialized_start=1620
-  _globals['_ACK']._serialized_end=1625
-  _globals['_DIALBACKREQUEST']._serialized_start=1627
-  _globals['_DIALBACKREQUEST']._serialized_end=1674
-  _globals['_DIALBACKREPLY']._serialized_start=1676
-  _globals['_DIALBACKREPLY']._serialized_end=1727
-  _globals['_PEER']._serialized_start=1730
-  _globals['_PEER']._serialized_end=2166
+  _globals['_GROUPREPLY']._serialized_end=784
+  _globals['_GROUPREPLY_STATUS']._serialized_start=703
+  _globals['_GROUPREPLY_STATUS']._serialized_end=784
+  _globals['_REDUCEHEADER']._serialized_start=787
+  _globals['_REDUCEHEADER']._serialized_end=971
+  _globals['_REDUCEEND']._serialized_start=973
+  _globals['_REDUCEEND']._serialized_end=984
+  _globals['_REDUCEERROR']._serialized_start=986
+  _globals['_REDUCEERROR']._serialized_end=1016
+  _globals['_REDUCEMESSAGE']._serialized_start=1019
+  _globals['_REDUCEMESSAGE']._serialized_end=1177
+  _globals['_STATEMANIFESTREQUEST']._serialized_start=1179
+  _globals['_STATEMANIFESTREQUEST']._serialized_end=1249
+  _globals['_STATETENSOR']._serialized_start=1251
+  _globals['_STATETENSOR']._serialized_end=1336
+  _globals['_STATEMANIFEST']._serialized_start=1339
+  _globals['_STATEMANIFEST']._serialized_end=1503
+  _globals['_STATECHUNKREQUEST']._serialized_start=1505
+  _globals['_STATECHUNKREQUEST']._serialized_end=1587
+  _globals['_STATECHUNK']._serialized_start=1589
+  _globals['_STATECHUNK']._serialized_end=1615
+  _globals['_LEAVENOTICE']._serialized_start=1617
+  _globals['_LEAVENOTICE']._serialized_end=1660
+  _globals['_ACK']._serialized_start=1662
+  _globals['_ACK']._serialized_end=1667
+  _globals['_DIALBACKREQUEST']._serialized_start=1669
+  _globals['_DIALBACKREQUEST']._serialized_end=1716
+  _globals['_DIALBACKREPLY']._serialized_start=1718
+  _globals['_DIALBACKREPLY']._serialized_end=1769
+  _globals['_PEER']._serialized_start=1772
+  _globals['_PEER']._serialized_end=2208
 # @@protoc_insertion_point(module_scope)

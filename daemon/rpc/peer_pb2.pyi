@@ -64,7 +64,7 @@ class JoinRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., member: _Optional[_Union[Member, _Mapping]] = ..., protocol: _Optional[int] = ..., config_hash: _Optional[str] = ...) -> None: ...
 
 class GroupReply(_message.Message):
-    __slots__ = ("status", "group_id", "members", "deadline_unix", "redirect_address", "message", "majority_hash", "run_step")
+    __slots__ = ("status", "group_id", "members", "deadline_unix", "redirect_address", "message", "majority_hash", "run_step", "open_for_s", "closed_ago_s")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[GroupReply.Status]
@@ -85,6 +85,8 @@ class GroupReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MAJORITY_HASH_FIELD_NUMBER: _ClassVar[int]
     RUN_STEP_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FOR_S_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_AGO_S_FIELD_NUMBER: _ClassVar[int]
     status: GroupReply.Status
     group_id: str
     members: _containers.RepeatedCompositeFieldContainer[Member]
@@ -93,7 +95,9 @@ class GroupReply(_message.Message):
     message: str
     majority_hash: str
     run_step: int
-    def __init__(self, status: _Optional[_Union[GroupReply.Status, str]] = ..., group_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., redirect_address: _Optional[str] = ..., message: _Optional[str] = ..., majority_hash: _Optional[str] = ..., run_step: _Optional[int] = ...) -> None: ...
+    open_for_s: float
+    closed_ago_s: float
+    def __init__(self, status: _Optional[_Union[GroupReply.Status, str]] = ..., group_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., redirect_address: _Optional[str] = ..., message: _Optional[str] = ..., majority_hash: _Optional[str] = ..., run_step: _Optional[int] = ..., open_for_s: _Optional[float] = ..., closed_ago_s: _Optional[float] = ...) -> None: ...
 
 class ReduceHeader(_message.Message):
     __slots__ = ("run", "group_id", "fragment", "round", "part", "sender", "weight", "numel", "payload_bytes", "contributors")

@@ -42,8 +42,16 @@ class FragmentStatus(_message.Message):
     numel: int
     def __init__(self, index: _Optional[int] = ..., round: _Optional[int] = ..., global_hash: _Optional[str] = ..., group_size: _Optional[int] = ..., duration_s: _Optional[float] = ..., outcome: _Optional[str] = ..., numel: _Optional[int] = ...) -> None: ...
 
+class EvalPoint(_message.Message):
+    __slots__ = ("step", "loss")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run", "step", "tokens", "listen", "dht_addrs", "peers", "bytes_sent", "bytes_received", "wait_fraction", "fragments", "tokens_per_s", "train_loss", "eval_loss", "rounds_applied", "rounds_failed", "waited_s", "uptime_s", "client_only", "repairs", "state", "version", "config_hash", "rounds_skipped", "download_done", "download_total", "join_command")
+    __slots__ = ("peer_id", "run", "step", "tokens", "listen", "dht_addrs", "peers", "bytes_sent", "bytes_received", "wait_fraction", "fragments", "tokens_per_s", "train_loss", "eval_loss", "rounds_applied", "rounds_failed", "waited_s", "uptime_s", "client_only", "repairs", "state", "version", "config_hash", "rounds_skipped", "download_done", "download_total", "join_command", "evals", "note")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +79,8 @@ class StatusReply(_message.Message):
     DOWNLOAD_DONE_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_TOTAL_FIELD_NUMBER: _ClassVar[int]
     JOIN_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    EVALS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run: str
     step: int
@@ -98,4 +108,6 @@ class StatusReply(_message.Message):
     download_done: int
     download_total: int
     join_command: str
-    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., listen: _Optional[str] = ..., dht_addrs: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[KnownPeer, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wait_fraction: _Optional[float] = ..., fragments: _Optional[_Iterable[_Union[FragmentStatus, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., rounds_applied: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., waited_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., client_only: _Optional[bool] = ..., repairs: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., config_hash: _Optional[str] = ..., rounds_skipped: _Optional[int] = ..., download_done: _Optional[int] = ..., download_total: _Optional[int] = ..., join_command: _Optional[str] = ...) -> None: ...
+    evals: _containers.RepeatedCompositeFieldContainer[EvalPoint]
+    note: str
+    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., listen: _Optional[str] = ..., dht_addrs: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[KnownPeer, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wait_fraction: _Optional[float] = ..., fragments: _Optional[_Iterable[_Union[FragmentStatus, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., rounds_applied: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., waited_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., client_only: _Optional[bool] = ..., repairs: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., config_hash: _Optional[str] = ..., rounds_skipped: _Optional[int] = ..., download_done: _Optional[int] = ..., download_total: _Optional[int] = ..., join_command: _Optional[str] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., note: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,420 @@
+"""One round's butterfly all-reduce over gRPC bidirectional streams.
+
+The fragment's flat outer gradient is cut into one part per reducer (the group's members
+that accept connections), on quantization-block boundaries so a part encodes exactly as the
+same values would in the whole tensor. Every member streams part j to reducer j
+(``Reduce``: header, chunks, end); the reducer decodes the contributions, averages them in
+fp32 in member order, encodes the mean once, and streams those bytes back to every member,
+so every member decodes identical bytes (I1). Client-only members send and receive over
+the streams they open and reduce nothing.
+
+Deadlines: each read of a stream waits at most ``chunk_timeout_s``; a reducer collects
+until half the round timeout and then reduces whatever arrived (a member that stalled or
+sent garbage is dropped from that part, and still gets the mean); a member gives up on the
+whole round after ``round_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from grpc import aio
+
+from daemon.context import CHUNK_BYTES, PeerContext
+from daemon.matchmaking import Group, RoundFailed
+from daemon.rpc import peer_pb2 as pb
+from daemon.rpc import peer_pb2_grpc
+from peer.codec import CodecError, WireFormat, decode, encode
+from peer.outer import weighted_mean
+
+RESULT_TTL_S = 600.0
+_PAYLOAD_SLACK = 4096
+
+
+def part_bounds(numel: int, parts: int, align: int) -> list[tuple[int, int]]:
+    """Split [0, numel) into ``parts`` ranges cut on multiples of ``align``."""
+    if parts < 1:
+        raise ValueError("a group needs at least one reducer")
+    blocks = math.ceil(numel / align)
+    return [
+        (min(blocks * j // parts * align, numel), min(blocks * (j + 1) // parts * align, numel))
+        for j in range(parts)
+    ]
+
+
+def max_payload_bytes(numel: int) -> int:
+    """No honest encoding of ``numel`` values is larger than fp32 plus framing."""
+    return 4 * numel + 8 * (numel // 2 + 1) + _PAYLOAD_SLACK
+
+
+def chunks(payload: bytes) -> list[bytes]:
+    return [payload[i : i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
+
+
+@dataclass(slots=True)
+class _Result:
+    payload: bytes
+    contributors: int
+
+
+@dataclass(slots=True)
+class ReduceSession:
+    """Reducer j's collection of part j for one group."""
+
+    group: Group
+    part: int
+    numel: int
+    collect_until: float
+    contributions: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)
+    result: asyncio.Future[_Result] | None = None
+    finished_at: float = 0.0
+
+    def expect(self) -> set[str]:
+        return set(self.group.member_ids())
+
+    def add(self, sender: str, payload: bytes, weight: float) -> None:
+        if sender in self.contributions or sender in self.dropped:
+            return
+        self.contributions[sender] = (payload, weight)
+        self._check()
+
+    def drop(self, sender: str, reason: str) -> None:
+        if sender not in self.contributions and sender not in self.dropped:
+            self.dropped[sender] = reason
+            self._check()
+
+    def _check(self) -> None:
+        if self.expect() <= set(self.contributions) | set(self.dropped):
+            self.all_in.set()
+
+
+class Reducer:
+    """This peer's reducer duties: a session per (group, part) it reduces."""
+
+    def __init__(self, ctx: PeerContext, fragment_numels: list[int], wire: WireFormat) -> None:
+        self.ctx = ctx
+        self.fragment_numels = fragment_numels
+        self.wire = wire
+        self.groups: dict[str, Group] = {}
+        self._registered = asyncio.Condition()
+        self.sessions: dict[tuple[str, int], ReduceSession] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def register(self, group: Group) -> None:
+        """Learn a group (at its close, or from the leader's reply)."""
+        async with self._registered:
+            self.groups.setdefault(group.group_id, group)
+            self._registered.notify_all()
+        self._prune()
+
+    def register_soon(self, group: Group) -> None:
+        task = asyncio.get_running_loop().create_task(self.register(group))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def group(self, group_id: str, wait_s: float) -> Group | None:
+        async with self._registered:
+            try:
+                await asyncio.wait_for(
+                    self._registered.wait_for(lambda: group_id in self.groups), wait_s
+                )
+            except TimeoutError:
+                return None
+        return self.groups[group_id]
+
+    def session(self, group: Group, part: int) -> ReduceSession:
+        key = (group.group_id, part)
+        session = self.sessions.get(key)
+        if session is None:
+            numel = self.fragment_numels[group.fragment]
+            start, end = part_bounds(numel, len(group.reducers), self.wire.block_size)[part]
+            session = ReduceSession(
+                group=group, part=part, numel=end - start,
+                collect_until=time.monotonic() + self.ctx.cfg.round_timeout_s / 2,
+            )
+            session.result = asyncio.get_running_loop().create_future()
+            self.sessions[key] = session
+            task = asyncio.get_running_loop().create_task(self._run(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return session
+
+    async def _run(self, session: ReduceSession) -> None:
+        assert session.result is not None
+        try:
+            await asyncio.wait_for(session.all_in.wait(),
+                                   max(0.0, session.collect_until - time.monotonic()))
+        except TimeoutError:
+            for sender in session.expect() - set(session.contributions) - set(session.dropped):
+                session.dropped[sender] = "missed the collection deadline"
+        for sender, reason in session.dropped.items():
+            self.ctx.log.warning("round (%d, %d) part %d: dropped %s: %s", session.group.fragment,
+                                 session.group.round, session.part, sender, reason)
+        ordered = [(s, *session.contributions[s]) for s in session.group.member_ids()
+                   if s in session.contributions]
+        loop = asyncio.get_running_loop()
+        try:
+            payload, count, rejected = await loop.run_in_executor(
+                self.ctx.executor, _reduce, ordered, session.numel, self.wire
+            )
+        except RoundFailed as error:
+            session.result.set_exception(error)
+            session.result.exception()  # retrieved here: members see it through the stream
+        else:
+            for sender, reason in rejected:
+                self.ctx.log.warning("round (%d, %d) part %d: rejected the contribution of %s: %s",
+                                     session.group.fragment, session.group.round, session.part,
+                                     sender, reason)
+            session.result.set_result(_Result(payload, count))
+        session.finished_at = time.monotonic()
+        for sender in session.contributions:
+            session.contributions[sender] = (b"", session.contributions[sender][1])
+
+    def _prune(self) -> None:
+        cutoff = time.monotonic() - RESULT_TTL_S
+        for key in [k for k, s in self.sessions.items() if s.finished_at and s.finished_at < cutoff]:
+            del self.sessions[key]
+        live = {k[0] for k in self.sessions}
+        for group_id in [g for g in self.groups if g not in live and len(self.groups) > 1000]:
+            del self.groups[group_id]
+
+    async def serve(self, requests: AsyncIterator[pb.ReduceMessage],
+                    context: aio.ServicerContext) -> AsyncIterator[pb.ReduceMessage]:
+        """Server side of ``Reduce``: take one member's part, answer with the mean."""
+        cfg = self.ctx.cfg
+        stream = requests.__aiter__()
+        try:
+            first = await asyncio.wait_for(anext(stream), cfg.chunk_timeout_s)
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no header")
+            return
+        header = first.header
+        if first.WhichOneof("body") != "header" or header.run != cfg.run_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a header of this run")
+        group = await self.group(header.group_id, cfg.connect_timeout_s)
+        if group is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown group {header.group_id}")
+            return
+        reducers = [m.peer_id for m in group.reducers]
+        if header.part < 0 or header.part >= len(reducers) or \
+                reducers[header.part] != self.ctx.peer_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this peer does not reduce "
+                                f"part {header.part} of group {group.group_id}")
+        is_member = header.sender in group.member_ids()
+        if header.payload_bytes > 0 and not is_member:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{header.sender} is not a member of group {group.group_id}")
+        session = self.session(group, header.part)
+        if header.payload_bytes > 0:
+            await self._collect(session, header, stream)
+        elif is_member:
+            # A member that only listens (it came late, or its θ_g differs from the group's).
+            session.drop(header.sender, "receive-only")
+        assert session.result is not None
+        try:
+            result = await asyncio.wait_for(asyncio.shield(session.result),
+                                            cfg.round_timeout_s)
+        except RoundFailed as error:
+            yield pb.ReduceMessage(error=pb.ReduceError(message=str(error)))
+            return
+        except TimeoutError:
+            yield pb.ReduceMessage(error=pb.ReduceError(message="reduce timed out"))
+            return
+        yield pb.ReduceMessage(header=pb.ReduceHeader(
+            run=cfg.run_name, group_id=group.group_id, fragment=group.fragment,
+            round=group.round, part=header.part, sender=self.ctx.peer_id,
+            numel=session.numel, payload_bytes=len(result.payload),
+            contributors=result.contributors,
+        ))
+        for chunk in chunks(result.payload):
+            self.ctx.traffic.bytes_sent += len(chunk)
+            yield pb.ReduceMessage(chunk=chunk)
+        yield pb.ReduceMessage(end=pb.ReduceEnd())
+
+    async def _collect(self, session: ReduceSession, header: pb.ReduceHeader,
+                       stream: AsyncIterator[pb.ReduceMessage]) -> None:
+        """Read one member's payload; drop the member on a stall or a protocol error."""
+        cfg = self.ctx.cfg
+        sender = header.sender
+        if header.numel != session.numel:
+            session.drop(sender, f"sent {header.numel} values, part has {session.numel}")
+            return
+        if header.payload_bytes > max_payload_bytes(session.numel):
+            session.drop(sender, f"announced {header.payload_bytes} bytes, too many")
+            return
+        if not (math.isfinite(header.weight) and header.weight > 0):
+            session.drop(sender, f"weight {header.weight} is not a positive number")
+            return
+        buffer = bytearray()
+        try:
+            while len(buffer) < header.payload_bytes:
+                message = await asyncio.wait_for(anext(stream), cfg.chunk_timeout_s)
+                if message.WhichOneof("body") != "chunk":
+                    session.drop(sender, "stream ended before the payload")
+                    return
+                buffer.extend(message.chunk)
+                self.ctx.traffic.bytes_received += len(message.chunk)
+                if len(buffer) > header.payload_bytes:
+                    session.drop(sender, "sent more bytes than announced")
+                    return
+            end = await asyncio.wait_for(anext(stream), cfg.chunk_timeout_s)
+            if end.WhichOneof("body") != "end":
+                session.drop(sender, "no end marker after the payload")
+                return
+        except TimeoutError:
+            session.drop(sender, f"stalled for {cfg.chunk_timeout_s:.0f}s mid-stream")
+            return
+        except StopAsyncIteration:
+            session.drop(sender, "closed the stream mid-payload")
+            return
+        session.add(sender, bytes(buffer), header.weight)
+
+
+def _reduce(ordered: list[tuple[str, bytes, float]], numel: int, wire: WireFormat
+            ) -> tuple[bytes, int, list[tuple[str, str]]]:
+    """Decode, average in member order in fp32, encode once. Runs in the executor."""
+    decoded = []
+    rejected = []
+    for sender, payload, weight in ordered:
+        try:
+            decoded.append((decode(payload, expected_numel=numel), weight))
+        except CodecError as error:
+            rejected.append((sender, str(error)))
+    if not decoded:
+        raise RoundFailed("no valid contribution reached the reducer")
+    return encode(weighted_mean(decoded), wire), len(decoded), rejected
+
+
+async def allreduce(ctx: PeerContext, reducer: Reducer, group: Group, delta: torch.Tensor | None,
+                    weight: float, wire: WireFormat) -> tuple[torch.Tensor, int]:
+    """This member's side of the round: send every part, gather every mean.
+
+    ``delta`` None means receive-only (a member that came too late, or must not
+    contribute). Returns Δ̄ (fp32) and the smallest number of contributors of any part.
+    """
+    numel = reducer.fragment_numels[group.fragment]
+    bounds = part_bounds(numel, len(group.reducers), wire.block_size)
+    loop = asyncio.get_running_loop()
+    payloads: list[bytes | None] = [None] * len(bounds)
+    if delta is not None:
+        if delta.numel() != numel:
+            raise RoundFailed(f"outer gradient has {delta.numel()} values, fragment {numel}")
+        encoded = await asyncio.gather(*(
+            loop.run_in_executor(ctx.executor, encode, delta[a:b].contiguous(), wire)
+            for a, b in bounds
+        ))
+        payloads = list(encoded)
+    deadline = time.monotonic() + ctx.cfg.round_timeout_s
+    tasks = [
+        asyncio.ensure_future(_one_part(ctx, reducer, group, j, reducer_member, payloads[j],
+                                        weight, b - a, deadline))
+        for j, (reducer_member, (a, b)) in enumerate(zip(group.reducers, bounds, strict=True))
+    ]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    parts = await asyncio.gather(*(
+        loop.run_in_executor(ctx.executor, _decode_part, payload, b - a)
+        for (payload, _), (a, b) in zip(results, bounds, strict=True)
+    ))
+    return torch.cat(parts) if parts else torch.zeros(0), min(c for _, c in results)
+
+
+def _decode_part(payload: bytes, numel: int) -> torch.Tensor:
+    try:
+        return decode(payload, expected_numel=numel)
+    except CodecError as error:
+        raise RoundFailed(f"the mean of a part did not decode: {error}") from error
+
+
+async def _one_part(ctx: PeerContext, reducer: Reducer, group: Group, part: int,
+                    reducer_member: pb.Member, payload: bytes | None, weight: float, numel: int,
+                    deadline: float) -> tuple[bytes, int]:
+    """Exchange one part with its reducer (in-process when the reducer is this peer)."""
+    if reducer_member.peer_id == ctx.peer_id:
+        session = reducer.session(group, part)
+        if payload is not None:
+            session.add(ctx.peer_id, payload, weight)
+        assert session.result is not None
+        try:
+            result = await asyncio.wait_for(asyncio.shield(session.result),
+                                            max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise RoundFailed(f"part {part} was not reduced in time") from None
+        return result.payload, result.contributors
+    header = pb.ReduceHeader(
+        run=ctx.cfg.run_name, group_id=group.group_id, fragment=group.fragment,
+        round=group.round, part=part, sender=ctx.peer_id, weight=weight if payload else 0.0,
+        numel=numel, payload_bytes=len(payload) if payload else 0,
+    )
+    stub = peer_pb2_grpc.PeerStub(ctx.channel(reducer_member.address))
+    call = stub.Reduce(timeout=max(0.1, deadline - time.monotonic()))
+    try:
+        await call.write(pb.ReduceMessage(header=header))
+        if payload:
+            await _send_payload(ctx, call, group, payload)
+        await call.done_writing()
+        return await _read_mean(ctx, call, numel, deadline)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            ctx.suspect(reducer_member.peer_id, "Reduce: UNAVAILABLE")
+        raise RoundFailed(f"part {part} from {reducer_member.peer_id}: {error.code().name} "
+                          f"{error.details()}") from None
+    finally:
+        call.cancel()
+
+
+async def _send_payload(ctx: PeerContext, call: aio.StreamStreamCall, group: Group,
+                        payload: bytes) -> None:
+    faults = ctx.faults
+    where = (group.fragment, group.round)
+    for index, chunk in enumerate(chunks(payload)):
+        if faults.active("corrupt-send", *where):
+            chunk = bytes(b ^ 0x5A for b in chunk)
+        await call.write(pb.ReduceMessage(chunk=chunk))
+        ctx.traffic.bytes_sent += len(chunk)
+        if index == 0 and faults.active("exit-in-round", *where):
+            ctx.log.error("fault injected: exiting in round (%d, %d)", *where)
+            os._exit(137)
+        if index == 0 and faults.active("stall-send", *where):
+            ctx.log.warning("fault injected: stalling in round (%d, %d)", *where)
+            await asyncio.Event().wait()
+    await call.write(pb.ReduceMessage(end=pb.ReduceEnd()))
+
+
+async def _read_mean(ctx: PeerContext, call: aio.StreamStreamCall, numel: int,
+                     deadline: float) -> tuple[bytes, int]:
+    chunk_timeout = ctx.cfg.chunk_timeout_s
+    first = await asyncio.wait_for(call.read(), max(0.1, deadline - time.monotonic()))
+    kind = first.WhichOneof("body") if first is not aio.EOF else None
+    if kind == "error":
+        raise RoundFailed(f"reducer failed: {first.error.message}")
+    if kind != "header" or first.header.numel != numel:
+        raise RoundFailed("reducer answered without a valid header")
+    expected = first.header.payload_bytes
+    if expected > max_payload_bytes(numel):
+        raise RoundFailed(f"reducer announced {expected} bytes, too many")
+    buffer = bytearray()
+    while len(buffer) < expected:
+        message = await asyncio.wait_for(call.read(), chunk_timeout)
+        if message is aio.EOF or message.WhichOneof("body") != "chunk":
+            raise RoundFailed("reducer's answer ended early")
+        buffer.extend(message.chunk)
+        ctx.traffic.bytes_received += len(message.chunk)
+    end = await asyncio.wait_for(call.read(), chunk_timeout)
+    if end is aio.EOF or end.WhichOneof("body") != "end" or len(buffer) != expected:
+        raise RoundFailed("reducer's answer is malformed")
+    return bytes(buffer), first.header.contributors
+

@@ -1,0 +1,288 @@
+"""The daemon's typed config, and the run config that every peer of a run shares.
+
+``DaemonConfig`` gathers everything ``locod start`` needs; it is built from the resolved
+settings of :mod:`daemon.settings` (flags, environment, config file, defaults) and checked
+in ``__post_init__``. ``RunConfig`` is the part that must be identical on every peer; its
+hash travels in DHT records and RPCs, and a joiner whose explicit settings contradict the
+run's is refused with every differing setting named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from daemon.settings import ALGORITHM, Setting, build_algorithm
+from peer.config import OuterConfig
+from peer.fragments import auto_fragment_count, validate_fragment_count, validate_schedule
+from peer.inner import InnerConfig
+from peer.model import model_config
+
+PROTOCOL_VERSION = 1
+DEFAULT_RUN = "locod-demo"
+
+
+def _path(**kwargs: Any) -> click.Path:
+    return click.Path(path_type=Path, **kwargs)
+
+
+DAEMON: tuple[Setting, ...] = (
+    Setting("run", str, DEFAULT_RUN, "Name of the run to start or join."),
+    Setting("join", str, (), "DHT multiaddr of a peer of the run to join (repeatable). "
+            "Without it, this daemon starts a new run.", multiple=True, metavar="MULTIADDR"),
+    Setting("listen", str, "0.0.0.0:0", "gRPC address to serve on (port 0 picks a free one)."),
+    Setting("announce", str, "", "gRPC address others should dial, if not the listen address "
+            "(e.g. behind port forwarding)."),
+    Setting("dht_listen", str, "/ip4/0.0.0.0/tcp/0", "DHT multiaddr to listen on."),
+    Setting("dht_announce", str, "", "DHT multiaddr others should dial, if not the listen one."),
+    Setting("state_dir", _path(file_okay=False), Path("locod-state"),
+            "Checkpoints, identity and logs of this peer."),
+    Setting("client_only", bool, False, "Take part without accepting connections (behind "
+            "NAT): send and receive over connections this peer opens, reduce nothing.",
+            is_flag=True),
+    Setting("max_steps", int, 0, "Stop training after this many inner steps (0: never)."),
+    Setting("linger", bool, False, "After --max-steps, keep serving (status, state download) "
+            "until stopped instead of exiting.", is_flag=True),
+    Setting("min_peers", int, 1, "The first peer waits until this many peers are in the run "
+            "before training."),
+    Setting("key", str, "", "Shared secret of a private run: every RPC must prove it.",
+            secret=True),
+    Setting("tls_cert", _path(dir_okay=False, exists=True), None, "PEM certificate: serve "
+            "gRPC over TLS."),
+    Setting("tls_key", _path(dir_okay=False, exists=True), None, "PEM private key for "
+            "--tls-cert."),
+    Setting("tls_ca", _path(dir_okay=False, exists=True), None, "PEM CA bundle to verify "
+            "peers' certificates (enables TLS for outgoing connections)."),
+    Setting("connect_timeout_s", float, 5.0, "Seconds to open a connection or get a reply "
+            "to a small RPC."),
+    Setting("matchmaking_window_s", float, 5.0, "Longest a round's leader keeps its group "
+            "open for members that have not joined yet."),
+    Setting("chunk_timeout_s", float, 10.0, "Longest wait for the next chunk of a stream; "
+            "a member that stalls longer is dropped from the round."),
+    Setting("round_timeout_s", float, 60.0, "Longest a round may take after its group "
+            "closed; then it fails and training goes on."),
+    Setting("eval_every", int, 200, "Evaluate the outer parameters every this many steps "
+            "(0: never)."),
+    Setting("eval_batches", int, 8, "Held-out batches per evaluation."),
+    Setting("checkpoint_every_s", float, 300.0, "Seconds between checkpoints (0: only at "
+            "shutdown)."),
+    Setting("log_level", click.Choice(["debug", "info", "warning", "error"]), "info",
+            "Log level of the log file and the terminal."),
+    Setting("live", bool, True, "Show a live view on the terminal (off: periodic log lines).",
+            is_flag=True),
+    Setting("fault", str, (), "Inject a fault, for tests (see daemon/faults.py).",
+            multiple=True, hidden=True),
+)
+
+START_SETTINGS: tuple[Setting, ...] = ALGORITHM + DAEMON
+
+RUN_KEYS = tuple(s.name for s in ALGORITHM if s.scope == "run")
+"""Settings every peer of a run must share: the run config."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """What every peer of a run must agree on."""
+
+    model: str
+    seed: int
+    inner_steps: int
+    fragments: int
+    layout: str
+    overlap: int
+    alpha: float
+    outer_lr: float
+    outer_momentum: float
+    wire: str
+    wire_block: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.as_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(data))
+        if missing:
+            raise ValueError(f"run config is missing {', '.join(missing)}")
+        return cls(**{name: data[name] for name in names})
+
+
+def config_hash(run_config: dict[str, Any]) -> str:
+    """Short hash of a run config, as it travels in records and RPCs."""
+    text = json.dumps(run_config, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_config_from(values: dict[str, Any]) -> RunConfig:
+    """The run config for resolved settings, with 'auto' fragments made concrete."""
+    data = {key: values[key] for key in RUN_KEYS}
+    if data["fragments"] == 0:
+        data["fragments"] = auto_fragment_count(model_config(data["model"]).n_layers)
+    return RunConfig(**data)
+
+
+def differing_settings(run: dict[str, Any], ours: dict[str, Any], explicit: frozenset[str]
+                       ) -> list[str]:
+    """Settings this peer set on purpose that contradict the run's, as 'name: ours vs run'."""
+    lines = []
+    for key in RUN_KEYS:
+        if key in explicit and key in run and ours.get(key) != run[key]:
+            if key == "fragments" and ours.get(key) == 0:
+                continue  # "auto" agrees with whatever the run resolved it to
+            lines.append(f"{key}: this peer has {ours.get(key)!r}, the run has {run[key]!r}")
+    return lines
+
+
+@dataclass(kw_only=True, slots=True)
+class DaemonConfig:
+    """Everything ``locod start`` runs with, validated."""
+
+    run_name: str
+    join: tuple[str, ...]
+    listen: str
+    announce: str
+    dht_listen: str
+    dht_announce: str
+    state_dir: Path
+    client_only: bool
+    max_steps: int
+    linger: bool
+    min_peers: int
+    key: str
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_ca: Path | None
+    connect_timeout_s: float
+    matchmaking_window_s: float
+    chunk_timeout_s: float
+    round_timeout_s: float
+    eval_every: int
+    eval_batches: int
+    checkpoint_every_s: float
+    log_level: str
+    live: bool
+    faults: tuple[str, ...]
+    data: tuple[str, ...]
+    cache_dir: Path | None
+    device: str
+    run: RunConfig
+    inner: InnerConfig
+    outer: OuterConfig
+    explicit: frozenset[str] = field(default_factory=frozenset)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.run_name or any(c in self.run_name for c in "/ \t\n"):
+            raise ValueError(f"run name {self.run_name!r} must be non-empty, without '/' or spaces")
+        parse_host_port(self.listen, "listen")
+        if self.announce:
+            parse_host_port(self.announce, "announce")
+        for name in ("connect_timeout_s", "matchmaking_window_s", "chunk_timeout_s",
+                     "round_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.min_peers < 1:
+            raise ValueError("max_steps must be 0 or more and min_peers at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.eval_every < 0 or self.eval_batches < 1 or self.checkpoint_every_s < 0:
+            raise ValueError("eval_every and checkpoint_every must be 0 or more, "
+                             "eval_batches at least 1")
+        mcfg = model_config(self.run.model)
+        validate_fragment_count(self.run.fragments, mcfg.n_layers)
+        validate_schedule(self.run.inner_steps, self.run.fragments)
+        if self.inner.seq_len > mcfg.max_seq_len:
+            raise ValueError(
+                f"seq_len {self.inner.seq_len} exceeds model {self.run.model}'s maximum "
+                f"{mcfg.max_seq_len}"
+            )
+
+    @property
+    def private(self) -> bool:
+        return bool(self.key)
+
+    def loggable(self) -> dict[str, Any]:
+        """The effective settings, secrets masked, for the start-up log."""
+        shown = {}
+        for s in START_SETTINGS:
+            value = self.values.get(s.name)
+            if s.secret and value:
+                value = "***"
+            shown[s.name] = str(value) if isinstance(value, Path) else value
+        return shown
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """'host:port' → (host, port) or a ValueError naming the setting."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must be HOST:PORT (port 0-65535), got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def build_daemon_config(values: dict[str, Any], explicit: frozenset[str]) -> DaemonConfig:
+    """Typed, validated config from resolved settings; errors become click.UsageError."""
+    inner, outer = build_algorithm(values)
+    try:
+        run = run_config_from(values)
+        outer.fragments = run.fragments
+        return DaemonConfig(
+            run_name=values["run"],
+            join=tuple(values["join"]),
+            listen=values["listen"],
+            announce=values["announce"],
+            dht_listen=values["dht_listen"],
+            dht_announce=values["dht_announce"],
+            state_dir=Path(values["state_dir"]),
+            client_only=values["client_only"],
+            max_steps=values["max_steps"],
+            linger=values["linger"],
+            min_peers=values["min_peers"],
+            key=values["key"],
+            tls_cert=values["tls_cert"],
+            tls_key=values["tls_key"],
+            tls_ca=values["tls_ca"],
+            connect_timeout_s=values["connect_timeout_s"],
+            matchmaking_window_s=values["matchmaking_window_s"],
+            chunk_timeout_s=values["chunk_timeout_s"],
+            round_timeout_s=values["round_timeout_s"],
+            eval_every=values["eval_every"],
+            eval_batches=values["eval_batches"],
+            checkpoint_every_s=values["checkpoint_every_s"],
+            log_level=values["log_level"],
+            live=values["live"],
+            faults=tuple(values["fault"]),
+            data=tuple(values["data"]),
+            cache_dir=values["cache_dir"],
+            device=values["device"],
+            run=run,
+            inner=inner,
+            outer=outer,
+            explicit=explicit,
+            values=dict(values),
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+
+def adopt_run_config(cfg: DaemonConfig, run: dict[str, Any]) -> DaemonConfig:
+    """This peer's config with the run's shared settings; refuses contradictions."""
+    differing = differing_settings(run, cfg.values, cfg.explicit)
+    if differing:
+        raise click.UsageError(
+            "this peer's settings contradict the run's config:\n  " + "\n  ".join(differing)
+            + "\ndrop these flags to adopt the run's values, or start a new run with --run"
+        )
+    values = dict(cfg.values)
+    values.update({k: run[k] for k in RUN_KEYS if k in run})
+    return build_daemon_config(values, cfg.explicit)

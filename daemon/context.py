@@ -1,0 +1,111 @@
+"""State shared by the network side of one daemon: identity, peers seen, channels, counters.
+
+Everything here is touched only from the network thread's event loop, except the
+counters, which the training thread reads (plain ints and floats: a torn read is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from daemon.auth import client_interceptors
+from daemon.config import PROTOCOL_VERSION, DaemonConfig
+from daemon.discovery import PeerRecord
+from daemon.faults import FaultPlan
+
+CHUNK_BYTES = 512 * 1024
+"""Stream chunk size: well under gRPC's 4 MiB message limit."""
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SUSPECT_S = 30.0
+"""How long a peer that failed an RPC is left out of leader choice."""
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Bytes that really crossed the wire as payload (chunks), both directions."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(slots=True)
+class PeerContext:
+    """Identity and shared services of one daemon's network side."""
+
+    cfg: DaemonConfig
+    peer_id: str
+    address: str
+    """Announced gRPC address ('' when client-only)."""
+    config_hash: str
+    version: str
+    log: logging.Logger
+    executor: ThreadPoolExecutor
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    traffic: Traffic = field(default_factory=Traffic)
+    peers: dict[str, PeerRecord] = field(default_factory=dict)
+    """Latest view of live peers from the DHT (including this one)."""
+    left: set[str] = field(default_factory=set)
+    """Peers that said they left (out of rounds at once)."""
+    suspected: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    """This peer's current inner step (written by the training thread)."""
+    joined_at: float = field(default_factory=time.time)
+    _channels: dict[str, aio.Channel] = field(default_factory=dict)
+
+    @property
+    def protocol(self) -> int:
+        return PROTOCOL_VERSION
+
+    def channel(self, address: str) -> aio.Channel:
+        """A cached channel to ``address`` with auth and TLS as configured."""
+        channel = self._channels.get(address)
+        if channel is None:
+            options = [
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ]
+            interceptors = client_interceptors(self.cfg.key, self.peer_id)
+            if self.cfg.tls_ca is not None:
+                credentials = grpc.ssl_channel_credentials(self.cfg.tls_ca.read_bytes())
+                channel = aio.secure_channel(address, credentials, options=options,
+                                             interceptors=interceptors)
+            else:
+                channel = aio.insecure_channel(address, options=options,
+                                               interceptors=interceptors)
+            self._channels[address] = channel
+        return channel
+
+    async def close_channels(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(grace=None)
+
+    def suspect(self, peer_id: str, reason: str) -> None:
+        """Leave a peer out of leader choice for a while after it failed us."""
+        if peer_id and peer_id != self.peer_id:
+            self.suspected[peer_id] = time.monotonic() + SUSPECT_S
+            self.log.info("peer %s is unreachable (%s); leaving it out for %.0fs",
+                          peer_id, reason, SUSPECT_S)
+
+    def live_peers(self) -> list[PeerRecord]:
+        """Peers believed alive, oldest member first (the leader order)."""
+        now = time.monotonic()
+        for peer_id in [p for p, until in self.suspected.items() if until < now]:
+            del self.suspected[peer_id]
+        return sorted(
+            (r for r in self.peers.values()
+             if r.peer_id not in self.left and r.peer_id not in self.suspected),
+            key=lambda r: (r.joined_at, r.peer_id),
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {"peer_id": self.peer_id, "address": self.address, "run": self.cfg.run_name}

@@ -1,0 +1,63 @@
+"""Deterministic fault injection: a named fault at a named fragment and round.
+
+Multi-peer tests start a daemon with ``--fault KIND:fragment=P,round=R`` (hidden from
+``--help``) so that a fault happens exactly where the test wants it, never "after a sleep
+and hope". Kinds:
+
+* ``stall-send`` — while sending its contribution to other reducers, the peer stops after
+  the first chunk and never finishes (a peer that hangs mid-round).
+* ``corrupt-send`` — the peer flips bytes in every chunk it sends to other reducers.
+* ``exit-in-round`` — the process dies (``os._exit(137)``, like SIGKILL) after sending the
+  first chunk of the round.
+
+``round`` may be ``*`` for every round; ``fragment`` likewise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("stall-send", "corrupt-send", "exit-in-round")
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    kind: str
+    fragment: int | None
+    round: int | None
+
+    def matches(self, kind: str, fragment: int, round_index: int) -> bool:
+        return (
+            self.kind == kind
+            and (self.fragment is None or self.fragment == fragment)
+            and (self.round is None or self.round == round_index)
+        )
+
+
+def parse_fault(text: str) -> Fault:
+    """'stall-send:fragment=1,round=2' → Fault; ValueError saying what is wrong."""
+    kind, _, spec = text.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"unknown fault {kind!r}; kinds: {', '.join(KINDS)}")
+    where: dict[str, int | None] = {"fragment": None, "round": None}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in where:
+            raise ValueError(f"fault {text!r}: unknown field {key!r} (fragment, round)")
+        try:
+            where[key] = None if value == "*" else int(value)
+        except ValueError:
+            raise ValueError(f"fault {text!r}: {key} must be an integer or *") from None
+    return Fault(kind, where["fragment"], where["round"])
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPlan:
+    faults: tuple[Fault, ...] = ()
+
+    @classmethod
+    def parse(cls, texts: tuple[str, ...]) -> FaultPlan:
+        return cls(tuple(parse_fault(t) for t in texts))
+
+    def active(self, kind: str, fragment: int, round_index: int) -> bool:
+        return any(f.matches(kind, fragment, round_index) for f in self.faults)
