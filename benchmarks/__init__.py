@@ -1,1 +1,1 @@
-"""Benchmarks: they measure speed, bytes and quality and write what they found to docs/benchmarks.md."""
+"""Benchmarks: speed, bytes and quality, written with their commands to docs/benchmarks.md."""

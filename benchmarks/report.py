@@ -48,8 +48,10 @@ def machine_description() -> str:
 
 def command_line() -> str:
     """The command that is running now, as a user would type it."""
-    return "python -m " + _module_name() + " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else (
-        "python -m " + _module_name()
+    return (
+        "python -m " + _module_name() + " " + shlex.join(sys.argv[1:])
+        if sys.argv[1:]
+        else ("python -m " + _module_name())
     )
 
 
@@ -62,8 +64,9 @@ def _module_name() -> str:
     return ".".join(rel.with_suffix("").parts)
 
 
-def write_section(name: str, title: str, body: str, *, command: str | None = None,
-                  path: Path = REPORT_PATH) -> None:
+def write_section(
+    name: str, title: str, body: str, *, command: str | None = None, path: Path = REPORT_PATH
+) -> None:
     """Replace (or append) the section ``name`` of the benchmark report."""
     today = _dt.date.today().isoformat()
     section = (

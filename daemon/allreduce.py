@@ -138,7 +138,9 @@ class Reducer:
             numel = self.fragment_numels[group.fragment]
             start, end = part_bounds(numel, len(group.reducers), self.wire.block_size)[part]
             session = ReduceSession(
-                group=group, part=part, numel=end - start,
+                group=group,
+                part=part,
+                numel=end - start,
                 collect_until=time.monotonic() + self.ctx.cfg.round_timeout_s / 2,
             )
             session.result = asyncio.get_running_loop().create_future()
@@ -151,16 +153,26 @@ class Reducer:
     async def _run(self, session: ReduceSession) -> None:
         assert session.result is not None
         try:
-            await asyncio.wait_for(session.all_in.wait(),
-                                   max(0.0, session.collect_until - time.monotonic()))
+            await asyncio.wait_for(
+                session.all_in.wait(), max(0.0, session.collect_until - time.monotonic())
+            )
         except TimeoutError:
             for sender in session.expect() - set(session.contributions) - set(session.dropped):
                 session.dropped[sender] = "missed the collection deadline"
         for sender, reason in session.dropped.items():
-            self.ctx.log.warning("round (%d, %d) part %d: dropped %s: %s", session.group.fragment,
-                                 session.group.round, session.part, sender, reason)
-        ordered = [(s, *session.contributions[s]) for s in session.group.member_ids()
-                   if s in session.contributions]
+            self.ctx.log.warning(
+                "round (%d, %d) part %d: dropped %s: %s",
+                session.group.fragment,
+                session.group.round,
+                session.part,
+                sender,
+                reason,
+            )
+        ordered = [
+            (s, *session.contributions[s])
+            for s in session.group.member_ids()
+            if s in session.contributions
+        ]
         loop = asyncio.get_running_loop()
         try:
             payload, count, rejected = await loop.run_in_executor(
@@ -171,9 +183,14 @@ class Reducer:
             session.result.exception()  # retrieved here: members see it through the stream
         else:
             for sender, reason in rejected:
-                self.ctx.log.warning("round (%d, %d) part %d: rejected the contribution of %s: %s",
-                                     session.group.fragment, session.group.round, session.part,
-                                     sender, reason)
+                self.ctx.log.warning(
+                    "round (%d, %d) part %d: rejected the contribution of %s: %s",
+                    session.group.fragment,
+                    session.group.round,
+                    session.part,
+                    sender,
+                    reason,
+                )
             session.result.set_result(_Result(payload, count))
         session.finished_at = time.monotonic()
         for sender in session.contributions:
@@ -181,14 +198,17 @@ class Reducer:
 
     def _prune(self) -> None:
         cutoff = time.monotonic() - RESULT_TTL_S
-        for key in [k for k, s in self.sessions.items() if s.finished_at and s.finished_at < cutoff]:
+        for key in [
+            k for k, s in self.sessions.items() if s.finished_at and s.finished_at < cutoff
+        ]:
             del self.sessions[key]
         live = {k[0] for k in self.sessions}
         for group_id in [g for g in self.groups if g not in live and len(self.groups) > 1000]:
             del self.groups[group_id]
 
-    async def serve(self, requests: AsyncIterator[pb.ReduceMessage],
-                    context: aio.ServicerContext) -> AsyncIterator[pb.ReduceMessage]:
+    async def serve(
+        self, requests: AsyncIterator[pb.ReduceMessage], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.ReduceMessage]:
         """Server side of ``Reduce``: take one member's part, answer with the mean."""
         cfg = self.ctx.cfg
         stream = requests.__aiter__()
@@ -205,14 +225,21 @@ class Reducer:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown group {header.group_id}")
             return
         reducers = [m.peer_id for m in group.reducers]
-        if header.part < 0 or header.part >= len(reducers) or \
-                reducers[header.part] != self.ctx.peer_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this peer does not reduce "
-                                f"part {header.part} of group {group.group_id}")
+        if (
+            header.part < 0
+            or header.part >= len(reducers)
+            or reducers[header.part] != self.ctx.peer_id
+        ):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"this peer does not reduce part {header.part} of group {group.group_id}",
+            )
         is_member = header.sender in group.member_ids()
         if header.payload_bytes > 0 and not is_member:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"{header.sender} is not a member of group {group.group_id}")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{header.sender} is not a member of group {group.group_id}",
+            )
         session = self.session(group, header.part)
         if header.payload_bytes > 0:
             await self._collect(session, header, stream)
@@ -221,27 +248,37 @@ class Reducer:
             session.drop(header.sender, "receive-only")
         assert session.result is not None
         try:
-            result = await asyncio.wait_for(asyncio.shield(session.result),
-                                            cfg.round_timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(session.result), cfg.round_timeout_s)
         except RoundFailed as error:
             yield pb.ReduceMessage(error=pb.ReduceError(message=str(error)))
             return
         except TimeoutError:
             yield pb.ReduceMessage(error=pb.ReduceError(message="reduce timed out"))
             return
-        yield pb.ReduceMessage(header=pb.ReduceHeader(
-            run=cfg.run_name, group_id=group.group_id, fragment=group.fragment,
-            round=group.round, part=header.part, sender=self.ctx.peer_id,
-            numel=session.numel, payload_bytes=len(result.payload),
-            contributors=result.contributors,
-        ))
+        yield pb.ReduceMessage(
+            header=pb.ReduceHeader(
+                run=cfg.run_name,
+                group_id=group.group_id,
+                fragment=group.fragment,
+                round=group.round,
+                part=header.part,
+                sender=self.ctx.peer_id,
+                numel=session.numel,
+                payload_bytes=len(result.payload),
+                contributors=result.contributors,
+            )
+        )
         for chunk in chunks(result.payload):
             self.ctx.traffic.bytes_sent += len(chunk)
             yield pb.ReduceMessage(chunk=chunk)
         yield pb.ReduceMessage(end=pb.ReduceEnd())
 
-    async def _collect(self, session: ReduceSession, header: pb.ReduceHeader,
-                       stream: AsyncIterator[pb.ReduceMessage]) -> None:
+    async def _collect(
+        self,
+        session: ReduceSession,
+        header: pb.ReduceHeader,
+        stream: AsyncIterator[pb.ReduceMessage],
+    ) -> None:
         """Read one member's payload; drop the member on a stall or a protocol error."""
         cfg = self.ctx.cfg
         sender = header.sender
@@ -279,8 +316,9 @@ class Reducer:
         session.add(sender, bytes(buffer), header.weight)
 
 
-def _reduce(ordered: list[tuple[str, bytes, float]], numel: int, wire: WireFormat
-            ) -> tuple[bytes, int, list[tuple[str, str]]]:
+def _reduce(
+    ordered: list[tuple[str, bytes, float]], numel: int, wire: WireFormat
+) -> tuple[bytes, int, list[tuple[str, str]]]:
     """Decode, average in member order in fp32, encode once. Runs in the executor."""
     decoded = []
     rejected = []
@@ -294,8 +332,14 @@ def _reduce(ordered: list[tuple[str, bytes, float]], numel: int, wire: WireForma
     return encode(weighted_mean(decoded), wire), len(decoded), rejected
 
 
-async def allreduce(ctx: PeerContext, reducer: Reducer, group: Group, delta: torch.Tensor | None,
-                    weight: float, wire: WireFormat) -> tuple[torch.Tensor, int]:
+async def allreduce(
+    ctx: PeerContext,
+    reducer: Reducer,
+    group: Group,
+    delta: torch.Tensor | None,
+    weight: float,
+    wire: WireFormat,
+) -> tuple[torch.Tensor, int]:
     """This member's side of the round: send every part, gather every mean.
 
     ``delta`` None means receive-only (a member that came too late, or must not
@@ -308,27 +352,36 @@ async def allreduce(ctx: PeerContext, reducer: Reducer, group: Group, delta: tor
     if delta is not None:
         if delta.numel() != numel:
             raise RoundFailed(f"outer gradient has {delta.numel()} values, fragment {numel}")
-        encoded = await asyncio.gather(*(
-            loop.run_in_executor(ctx.executor, encode, delta[a:b].contiguous(), wire)
-            for a, b in bounds
-        ))
+        encoded = await asyncio.gather(
+            *(
+                loop.run_in_executor(ctx.executor, encode, delta[a:b].contiguous(), wire)
+                for a, b in bounds
+            )
+        )
         payloads = list(encoded)
     deadline = time.monotonic() + ctx.cfg.round_timeout_s
     tasks = [
-        asyncio.ensure_future(_one_part(ctx, reducer, group, j, reducer_member, payloads[j],
-                                        weight, b - a, deadline))
+        asyncio.ensure_future(
+            _one_part(ctx, reducer, group, j, reducer_member, payloads[j], weight, b - a, deadline)
+        )
         for j, (reducer_member, (a, b)) in enumerate(zip(group.reducers, bounds, strict=True))
     ]
     try:
-        results = await asyncio.gather(*tasks)
+        results = await asyncio.wait_for(
+            asyncio.gather(*tasks), max(0.1, deadline - time.monotonic()) + 1.0
+        )
+    except TimeoutError:
+        raise RoundFailed(f"the round took longer than {ctx.cfg.round_timeout_s:.0f}s") from None
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    parts = await asyncio.gather(*(
-        loop.run_in_executor(ctx.executor, _decode_part, payload, b - a)
-        for (payload, _), (a, b) in zip(results, bounds, strict=True)
-    ))
+    parts = await asyncio.gather(
+        *(
+            loop.run_in_executor(ctx.executor, _decode_part, payload, b - a)
+            for (payload, _), (a, b) in zip(results, bounds, strict=True)
+        )
+    )
     return torch.cat(parts) if parts else torch.zeros(0), min(c for _, c in results)
 
 
@@ -339,25 +392,42 @@ def _decode_part(payload: bytes, numel: int) -> torch.Tensor:
         raise RoundFailed(f"the mean of a part did not decode: {error}") from error
 
 
-async def _one_part(ctx: PeerContext, reducer: Reducer, group: Group, part: int,
-                    reducer_member: pb.Member, payload: bytes | None, weight: float, numel: int,
-                    deadline: float) -> tuple[bytes, int]:
+async def _one_part(
+    ctx: PeerContext,
+    reducer: Reducer,
+    group: Group,
+    part: int,
+    reducer_member: pb.Member,
+    payload: bytes | None,
+    weight: float,
+    numel: int,
+    deadline: float,
+) -> tuple[bytes, int]:
     """Exchange one part with its reducer (in-process when the reducer is this peer)."""
     if reducer_member.peer_id == ctx.peer_id:
         session = reducer.session(group, part)
         if payload is not None:
             session.add(ctx.peer_id, payload, weight)
+        else:
+            session.drop(ctx.peer_id, "receive-only")
         assert session.result is not None
         try:
-            result = await asyncio.wait_for(asyncio.shield(session.result),
-                                            max(0.0, deadline - time.monotonic()))
+            result = await asyncio.wait_for(
+                asyncio.shield(session.result), max(0.0, deadline - time.monotonic())
+            )
         except TimeoutError:
             raise RoundFailed(f"part {part} was not reduced in time") from None
         return result.payload, result.contributors
     header = pb.ReduceHeader(
-        run=ctx.cfg.run_name, group_id=group.group_id, fragment=group.fragment,
-        round=group.round, part=part, sender=ctx.peer_id, weight=weight if payload else 0.0,
-        numel=numel, payload_bytes=len(payload) if payload else 0,
+        run=ctx.cfg.run_name,
+        group_id=group.group_id,
+        fragment=group.fragment,
+        round=group.round,
+        part=part,
+        sender=ctx.peer_id,
+        weight=weight if payload else 0.0,
+        numel=numel,
+        payload_bytes=len(payload) if payload else 0,
     )
     stub = peer_pb2_grpc.PeerStub(ctx.channel(reducer_member.address))
     call = stub.Reduce(timeout=max(0.1, deadline - time.monotonic()))
@@ -370,19 +440,21 @@ async def _one_part(ctx: PeerContext, reducer: Reducer, group: Group, part: int,
     except grpc.aio.AioRpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             ctx.suspect(reducer_member.peer_id, "Reduce: UNAVAILABLE")
-        raise RoundFailed(f"part {part} from {reducer_member.peer_id}: {error.code().name} "
-                          f"{error.details()}") from None
+        raise RoundFailed(
+            f"part {part} from {reducer_member.peer_id}: {error.code().name} {error.details()}"
+        ) from None
     finally:
         call.cancel()
 
 
-async def _send_payload(ctx: PeerContext, call: aio.StreamStreamCall, group: Group,
-                        payload: bytes) -> None:
+async def _send_payload(
+    ctx: PeerContext, call: aio.StreamStreamCall, group: Group, payload: bytes
+) -> None:
     faults = ctx.faults
     where = (group.fragment, group.round)
-    for index, chunk in enumerate(chunks(payload)):
-        if faults.active("corrupt-send", *where):
-            chunk = bytes(b ^ 0x5A for b in chunk)
+    corrupt = faults.active("corrupt-send", *where)
+    for index, piece in enumerate(chunks(payload)):
+        chunk = bytes(b ^ 0x5A for b in piece) if corrupt else piece
         await call.write(pb.ReduceMessage(chunk=chunk))
         ctx.traffic.bytes_sent += len(chunk)
         if index == 0 and faults.active("exit-in-round", *where):
@@ -394,8 +466,9 @@ async def _send_payload(ctx: PeerContext, call: aio.StreamStreamCall, group: Gro
     await call.write(pb.ReduceMessage(end=pb.ReduceEnd()))
 
 
-async def _read_mean(ctx: PeerContext, call: aio.StreamStreamCall, numel: int,
-                     deadline: float) -> tuple[bytes, int]:
+async def _read_mean(
+    ctx: PeerContext, call: aio.StreamStreamCall, numel: int, deadline: float
+) -> tuple[bytes, int]:
     chunk_timeout = ctx.cfg.chunk_timeout_s
     first = await asyncio.wait_for(call.read(), max(0.1, deadline - time.monotonic()))
     kind = first.WhichOneof("body") if first is not aio.EOF else None
@@ -417,4 +490,3 @@ async def _read_mean(ctx: PeerContext, call: aio.StreamStreamCall, numel: int,
     if end is aio.EOF or end.WhichOneof("body") != "end" or len(buffer) != expected:
         raise RoundFailed("reducer's answer is malformed")
     return bytes(buffer), first.header.contributors
-

@@ -62,8 +62,11 @@ class ServerAuth(aio.ServerInterceptor):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
         value = metadata.get(HEADER)
-        reason = "this run is private: the call carries no proof of the run key" if not value \
+        reason = (
+            "this run is private: the call carries no proof of the run key"
+            if not value
             else verify(self.key, method, str(value))
+        )
         if reason is None:
             return await continuation(handler_call_details)
         return _refusal(reason)
@@ -80,8 +83,12 @@ def _refusal(reason: str) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(refuse_stream)
 
 
-class _ClientAuth(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor,
-                  aio.StreamUnaryClientInterceptor, aio.StreamStreamClientInterceptor):
+class _ClientAuth(
+    aio.UnaryUnaryClientInterceptor,
+    aio.UnaryStreamClientInterceptor,
+    aio.StreamUnaryClientInterceptor,
+    aio.StreamStreamClientInterceptor,
+):
     def __init__(self, key: str, sender: str) -> None:
         self.key = key
         self.sender = sender
@@ -104,12 +111,14 @@ class _ClientAuth(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIntercep
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
-    async def intercept_stream_unary(self, continuation: Any, details: Any,
-                                     request_iterator: Any) -> Any:
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(self._details(details), request_iterator)
 
-    async def intercept_stream_stream(self, continuation: Any, details: Any,
-                                      request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(self._details(details), request_iterator)
 
 

@@ -28,8 +28,15 @@ state, or None if nobody could provide it."""
 class GrpcAverager:
     """Bridges the training thread to the network thread's rounds."""
 
-    def __init__(self, ctx: PeerContext, loop: asyncio.AbstractEventLoop, matchmaker: Matchmaker,
-                 reducer: Reducer, wire: WireFormat, repair: Repair | None = None) -> None:
+    def __init__(
+        self,
+        ctx: PeerContext,
+        loop: asyncio.AbstractEventLoop,
+        matchmaker: Matchmaker,
+        reducer: Reducer,
+        wire: WireFormat,
+        repair: Repair | None = None,
+    ) -> None:
         self.ctx = ctx
         self.loop = loop
         self.matchmaker = matchmaker
@@ -58,7 +65,7 @@ class GrpcAverager:
             return None
         except concurrent.futures.CancelledError:
             outcome = SyncFailed("cancelled")
-        except Exception as error:  # noqa: BLE001 - one round's failure must not stop training
+        except Exception as error:
             outcome = SyncFailed(f"{type(error).__name__}: {error}")
         self._rounds.pop((fragment, round_index), None)
         return outcome
@@ -76,9 +83,12 @@ class GrpcAverager:
         began = time.monotonic()
         p, r = request.fragment, request.round
         me = pb.Member(
-            peer_id=self.ctx.peer_id, address=self.ctx.address,
-            client_only=self.ctx.cfg.client_only, weight=request.weight,
-            global_hash=request.global_hash, step=request.step,
+            peer_id=self.ctx.peer_id,
+            address=self.ctx.address,
+            client_only=self.ctx.cfg.client_only,
+            weight=request.weight,
+            global_hash=request.global_hash,
+            step=request.step,
         )
         try:
             group, late = await self.matchmaker.form_group(p, r, me)
@@ -86,29 +96,47 @@ class GrpcAverager:
                 await self.reducer.register(group)
             diverged = group.majority_hash != request.global_hash and not late
             if late:
-                self.ctx.log.info("round (%d, %d): came %.1fs after the group's first member; "
-                                  "receiving only, and catching up", p, r, group.behind_s)
+                self.ctx.log.info(
+                    "round (%d, %d): came %.1fs after the group's first member; "
+                    "receiving only, and catching up",
+                    p,
+                    r,
+                    group.behind_s,
+                )
                 self.behind_s = max(self.behind_s, group.behind_s)
             if diverged:
                 self.ctx.log.warning(
                     "round (%d, %d): this peer's θ_g (%s) differs from the group's (%s); "
-                    "receiving only, then repairing", p, r, request.global_hash,
-                    group.majority_hash)
+                    "receiving only, then repairing",
+                    p,
+                    r,
+                    request.global_hash,
+                    group.majority_hash,
+                )
             delta = None if (late or diverged) else request.delta
-            mean, contributors = await allreduce(self.ctx, self.reducer, group, delta,
-                                                 request.weight, self.wire)
+            mean, contributors = await allreduce(
+                self.ctx, self.reducer, group, delta, request.weight, self.wire
+            )
         except RoundFailed as error:
             self.ctx.log.warning("round (%d, %d) failed: %s", p, r, error)
             return SyncFailed(str(error))
         adopt = None
-        if (late or diverged) and self.repair is not None and \
-                group.majority_hash != request.global_hash:
+        if (
+            (late or diverged)
+            and self.repair is not None
+            and group.majority_hash != request.global_hash
+        ):
             repaired = await self.repair(p, r, group.majority_hash)
             if repaired is None:
                 return SyncFailed("θ_g differs from the group's and no peer could provide it")
             adopt, post_round = repaired
             if post_round:
-                return SyncResult(mean=None, group_size=contributors, adopt=adopt,
-                                  duration_s=time.monotonic() - began)
-        return SyncResult(mean=mean, group_size=contributors, adopt=adopt,
-                          duration_s=time.monotonic() - began)
+                return SyncResult(
+                    mean=None,
+                    group_size=contributors,
+                    adopt=adopt,
+                    duration_s=time.monotonic() - began,
+                )
+        return SyncResult(
+            mean=mean, group_size=contributors, adopt=adopt, duration_s=time.monotonic() - began
+        )

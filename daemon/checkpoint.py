@@ -46,8 +46,9 @@ def save_checkpoint(state_dir: Path, payload: dict[str, Any]) -> int:
         os.replace(temp, target)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise CheckpointError(f"checkpoint not written ({error}); the previous one is kept"
-                              ) from error
+        raise CheckpointError(
+            f"checkpoint not written ({error}); the previous one is kept"
+        ) from error
     return len(data)
 
 
@@ -58,9 +59,10 @@ def load_checkpoint(state_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+    except Exception as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not a locod checkpoint of format "
-                              f"{FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} is not a locod checkpoint of format {FORMAT_VERSION}"
+        )
     return payload

@@ -24,27 +24,62 @@ def locod() -> None:
 
 @locod.command(context_settings={"default_map": _SIMULATE_DEFAULTS})
 @click.option("--peers", type=int, default=2, show_default=True, help="M: simulated peers.")
-@click.option("--method", type=click.Choice(["ddp", "diloco", "streaming"]),
-              default="streaming", show_default=True,
-              help="ddp: gradients averaged every step; diloco: P=1, τ=0, α=0; streaming.")
+@click.option(
+    "--method",
+    type=click.Choice(["ddp", "diloco", "streaming"]),
+    default="streaming",
+    show_default=True,
+    help="ddp: gradients averaged every step; diloco: P=1, τ=0, α=0; streaming.",
+)
 @click.option("--steps", type=int, default=200, show_default=True, help="Inner steps per peer.")
-@click.option("--eval-every", "eval_every", type=int, default=0,
-              help="Evaluate every N steps (0: five times a run).")
-@click.option("--eval-batches", "eval_batches", type=int, default=16, show_default=True,
-              help="Held-out batches per evaluation.")
-@click.option("--final-sync/--no-final-sync", "final_sync", default=True, show_default=True,
-              help="Sync every fragment once more at the end, so θ_g holds all training.")
+@click.option(
+    "--eval-every",
+    "eval_every",
+    type=int,
+    default=0,
+    help="Evaluate every N steps (0: five times a run).",
+)
+@click.option(
+    "--eval-batches",
+    "eval_batches",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Held-out batches per evaluation.",
+)
+@click.option(
+    "--final-sync/--no-final-sync",
+    "final_sync",
+    default=True,
+    show_default=True,
+    help="Sync every fragment once more at the end, so θ_g holds all training.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="TOML file of settings (flags and LOCOD_* override it).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file of settings (flags and LOCOD_* override it).",
+)
 @click_options(ALGORITHM)
 @click.pass_context
-def simulate(ctx: click.Context, peers: int, method: str, steps: int, eval_every: int,
-             eval_batches: int, final_sync: bool, as_json: bool, config_file: Path | None,
-             **options: Any) -> None:
+def simulate(
+    ctx: click.Context,
+    peers: int,
+    method: str,
+    steps: int,
+    eval_every: int,
+    eval_batches: int,
+    final_sync: bool,
+    as_json: bool,
+    config_file: Path | None,
+    **options: Any,
+) -> None:
     """Run M peers in this process and report loss and traffic."""
     from peer.data import CorpusError, load_corpus
-    from peer.simulator import SimulationConfig, simulate as run_simulation
+    from peer.simulator import SimulationConfig
+    from peer.simulator import simulate as run_simulation
 
     resolved = resolve(ctx, options, ALGORITHM, config_file)
     values = dict(resolved.values)
@@ -57,9 +92,17 @@ def simulate(ctx: click.Context, peers: int, method: str, steps: int, eval_every
     inner, outer = build_algorithm(values)
     try:
         cfg = SimulationConfig(
-            method=method, peers=peers, steps=steps, model=values["model"], seed=values["seed"],
-            eval_every=eval_every, eval_batches=eval_batches, final_sync=final_sync,
-            device=values["device"], inner=inner, outer=outer,
+            method=method,
+            peers=peers,
+            steps=steps,
+            model=values["model"],
+            seed=values["seed"],
+            eval_every=eval_every,
+            eval_batches=eval_batches,
+            final_sync=final_sync,
+            device=values["device"],
+            inner=inner,
+            outer=outer,
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from error
@@ -77,17 +120,25 @@ def simulate(ctx: click.Context, peers: int, method: str, steps: int, eval_every
         click.echo(json.dumps(result.as_json()))
         return
     rows = [
-        ("method", result.method), ("peers", result.peers), ("model", result.model),
-        ("parameters", f"{result.parameters:,}"), ("fragments", result.fragments),
-        ("inner steps H", result.inner_steps), ("overlap τ", result.overlap),
-        ("alpha α", result.alpha), ("wire", result.wire), ("steps", result.steps),
-        ("tokens", f"{result.tokens:,}"), ("train loss", result.train_loss),
+        ("method", result.method),
+        ("peers", result.peers),
+        ("model", result.model),
+        ("parameters", f"{result.parameters:,}"),
+        ("fragments", result.fragments),
+        ("inner steps H", result.inner_steps),
+        ("overlap τ", result.overlap),
+        ("alpha α", result.alpha),
+        ("wire", result.wire),
+        ("steps", result.steps),
+        ("tokens", f"{result.tokens:,}"),
+        ("train loss", result.train_loss),
         ("eval loss (outer θ_g)", result.eval_loss),
         ("eval loss (replicas, mean)", result.eval_loss_replicas),
         ("eval loss (replicas averaged)", result.eval_loss_replica_average),
         ("bytes sent per peer", f"{result.bytes_sent_per_peer:,.0f}"),
         ("peak bytes per sync", f"{result.peak_bytes_per_sync:,.0f}"),
-        ("rounds", result.rounds), ("wall time (s)", result.wall_s),
+        ("rounds", result.rounds),
+        ("wall time (s)", result.wall_s),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -101,14 +152,20 @@ def _apply_diloco(explicit: frozenset[str], values: dict[str, Any]) -> None:
     for key, value in required.items():
         if key in explicit and values[key] != value:
             flag = "--" + key.replace("_", "-")
-            raise click.UsageError(f"--method diloco means {flag} {value}; drop {flag} or use "
-                                   "--method streaming")
+            raise click.UsageError(
+                f"--method diloco means {flag} {value}; drop {flag} or use --method streaming"
+            )
         values[key] = value
 
 
 @locod.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="TOML file of settings (flags and LOCOD_* override it).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file of settings (flags and LOCOD_* override it).",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration and exit.")
 @click_options(START_SETTINGS)
 @click.pass_context
@@ -141,14 +198,24 @@ def start(ctx: click.Context, config_file: Path | None, check: bool, **options: 
 @locod.command()
 @click.argument("address", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--state-dir", "state_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("locod-state"), show_default=True,
-              help="Find the daemon through this state dir when no ADDRESS is given.")
+@click.option(
+    "--state-dir",
+    "state_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("locod-state"),
+    show_default=True,
+    help="Find the daemon through this state dir when no ADDRESS is given.",
+)
 @click.option("--key", default="", envvar="LOCOD_KEY", help="Key of a private run.")
-@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
-              help="Seconds to wait for the daemon.")
-def status(address: str | None, as_json: bool, state_dir: Path, key: str,
-           timeout_s: float) -> None:
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the daemon.",
+)
+def status(address: str | None, as_json: bool, state_dir: Path, key: str, timeout_s: float) -> None:
     """Show what the daemon at ADDRESS (HOST:PORT) is doing."""
     from daemon.node import read_info
     from daemon.status import StatusUnavailable, query_status, render_status
@@ -157,7 +224,8 @@ def status(address: str | None, as_json: bool, state_dir: Path, key: str,
         info = read_info(state_dir)
         if info is None:
             raise click.ClickException(
-                f"no running daemon found in {state_dir}; give its address (HOST:PORT)")
+                f"no running daemon found in {state_dir}; give its address (HOST:PORT)"
+            )
         address = str(info["listen"]).replace("0.0.0.0:", "127.0.0.1:")
     try:
         result = query_status(address, key=key, timeout_s=timeout_s)

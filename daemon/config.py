@@ -33,50 +33,122 @@ def _path(**kwargs: Any) -> click.Path:
 
 DAEMON: tuple[Setting, ...] = (
     Setting("run", str, DEFAULT_RUN, "Name of the run to start or join."),
-    Setting("join", str, (), "DHT multiaddr of a peer of the run to join (repeatable). "
-            "Without it, this daemon starts a new run.", multiple=True, metavar="MULTIADDR"),
+    Setting(
+        "join",
+        str,
+        (),
+        "DHT multiaddr of a peer of the run to join (repeatable). "
+        "Without it, this daemon starts a new run.",
+        multiple=True,
+        metavar="MULTIADDR",
+    ),
     Setting("listen", str, "0.0.0.0:0", "gRPC address to serve on (port 0 picks a free one)."),
-    Setting("announce", str, "", "gRPC address others should dial, if not the listen address "
-            "(e.g. behind port forwarding)."),
+    Setting(
+        "announce",
+        str,
+        "",
+        "gRPC address others should dial, if not the listen address (e.g. behind port forwarding).",
+    ),
     Setting("dht_listen", str, "/ip4/0.0.0.0/tcp/0", "DHT multiaddr to listen on."),
     Setting("dht_announce", str, "", "DHT multiaddr others should dial, if not the listen one."),
-    Setting("state_dir", _path(file_okay=False), Path("locod-state"),
-            "Checkpoints, identity and logs of this peer."),
-    Setting("client_only", bool, False, "Take part without accepting connections (behind "
-            "NAT): send and receive over connections this peer opens, reduce nothing.",
-            is_flag=True),
+    Setting(
+        "state_dir",
+        _path(file_okay=False),
+        Path("locod-state"),
+        "Checkpoints, identity and logs of this peer.",
+    ),
+    Setting(
+        "client_only",
+        bool,
+        False,
+        "Take part without accepting connections (behind "
+        "NAT): send and receive over connections this peer opens, reduce nothing.",
+        is_flag=True,
+    ),
     Setting("max_steps", int, 0, "Stop training after this many inner steps (0: never)."),
-    Setting("linger", bool, False, "After --max-steps, keep serving (status, state download) "
-            "until stopped instead of exiting.", is_flag=True),
-    Setting("min_peers", int, 1, "The first peer waits until this many peers are in the run "
-            "before training."),
-    Setting("key", str, "", "Shared secret of a private run: every RPC must prove it.",
-            secret=True),
-    Setting("tls_cert", _path(dir_okay=False, exists=True), None, "PEM certificate: serve "
-            "gRPC over TLS."),
-    Setting("tls_key", _path(dir_okay=False, exists=True), None, "PEM private key for "
-            "--tls-cert."),
-    Setting("tls_ca", _path(dir_okay=False, exists=True), None, "PEM CA bundle to verify "
-            "peers' certificates (enables TLS for outgoing connections)."),
-    Setting("connect_timeout_s", float, 5.0, "Seconds to open a connection or get a reply "
-            "to a small RPC."),
-    Setting("matchmaking_window_s", float, 5.0, "Longest a round's leader keeps its group "
-            "open for members that have not joined yet."),
-    Setting("chunk_timeout_s", float, 10.0, "Longest wait for the next chunk of a stream; "
-            "a member that stalls longer is dropped from the round."),
-    Setting("round_timeout_s", float, 60.0, "Longest a round may take after its group "
-            "closed; then it fails and training goes on."),
-    Setting("eval_every", int, 200, "Evaluate the outer parameters every this many steps "
-            "(0: never)."),
+    Setting(
+        "linger",
+        bool,
+        False,
+        "After --max-steps, keep serving (status, state download) "
+        "until stopped instead of exiting.",
+        is_flag=True,
+    ),
+    Setting(
+        "min_peers",
+        int,
+        1,
+        "The first peer waits until this many peers are in the run before training.",
+    ),
+    Setting(
+        "key", str, "", "Shared secret of a private run: every RPC must prove it.", secret=True
+    ),
+    Setting(
+        "tls_cert",
+        _path(dir_okay=False, exists=True),
+        None,
+        "PEM certificate: serve gRPC over TLS.",
+    ),
+    Setting("tls_key", _path(dir_okay=False, exists=True), None, "PEM private key for --tls-cert."),
+    Setting(
+        "tls_ca",
+        _path(dir_okay=False, exists=True),
+        None,
+        "PEM CA bundle to verify peers' certificates (enables TLS for outgoing connections).",
+    ),
+    Setting(
+        "connect_timeout_s",
+        float,
+        5.0,
+        "Seconds to open a connection or get a reply to a small RPC.",
+    ),
+    Setting(
+        "matchmaking_window_s",
+        float,
+        5.0,
+        "Longest a round's leader keeps its group open for members that have not joined yet.",
+    ),
+    Setting(
+        "chunk_timeout_s",
+        float,
+        10.0,
+        "Longest wait for the next chunk of a stream; "
+        "a member that stalls longer is dropped from the round.",
+    ),
+    Setting(
+        "round_timeout_s",
+        float,
+        60.0,
+        "Longest a round may take after its group closed; then it fails and training goes on.",
+    ),
+    Setting(
+        "eval_every", int, 200, "Evaluate the outer parameters every this many steps (0: never)."
+    ),
     Setting("eval_batches", int, 8, "Held-out batches per evaluation."),
-    Setting("checkpoint_every_s", float, 300.0, "Seconds between checkpoints (0: only at "
-            "shutdown)."),
-    Setting("log_level", click.Choice(["debug", "info", "warning", "error"]), "info",
-            "Log level of the log file and the terminal."),
-    Setting("live", bool, True, "Show a live view on the terminal (off: periodic log lines).",
-            is_flag=True),
-    Setting("fault", str, (), "Inject a fault, for tests (see daemon/faults.py).",
-            multiple=True, hidden=True),
+    Setting(
+        "checkpoint_every_s", float, 300.0, "Seconds between checkpoints (0: only at shutdown)."
+    ),
+    Setting(
+        "log_level",
+        click.Choice(["debug", "info", "warning", "error"]),
+        "info",
+        "Log level of the log file and the terminal.",
+    ),
+    Setting(
+        "live",
+        bool,
+        True,
+        "Show a live view on the terminal (off: periodic log lines).",
+        is_flag=True,
+    ),
+    Setting(
+        "fault",
+        str,
+        (),
+        "Inject a fault, for tests (see daemon/faults.py).",
+        multiple=True,
+        hidden=True,
+    ),
 )
 
 START_SETTINGS: tuple[Setting, ...] = ALGORITHM + DAEMON
@@ -131,8 +203,9 @@ def run_config_from(values: dict[str, Any]) -> RunConfig:
     return RunConfig(**data)
 
 
-def differing_settings(run: dict[str, Any], ours: dict[str, Any], explicit: frozenset[str]
-                       ) -> list[str]:
+def differing_settings(
+    run: dict[str, Any], ours: dict[str, Any], explicit: frozenset[str]
+) -> list[str]:
     """Settings this peer set on purpose that contradict the run's, as 'name: ours vs run'."""
     lines = []
     for key in RUN_KEYS:
@@ -187,8 +260,12 @@ class DaemonConfig:
         parse_host_port(self.listen, "listen")
         if self.announce:
             parse_host_port(self.announce, "announce")
-        for name in ("connect_timeout_s", "matchmaking_window_s", "chunk_timeout_s",
-                     "round_timeout_s"):
+        for name in (
+            "connect_timeout_s",
+            "matchmaking_window_s",
+            "chunk_timeout_s",
+            "round_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_steps < 0 or self.min_peers < 1:
@@ -196,8 +273,9 @@ class DaemonConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.eval_every < 0 or self.eval_batches < 1 or self.checkpoint_every_s < 0:
-            raise ValueError("eval_every and checkpoint_every must be 0 or more, "
-                             "eval_batches at least 1")
+            raise ValueError(
+                "eval_every and checkpoint_every must be 0 or more, eval_batches at least 1"
+            )
         mcfg = model_config(self.run.model)
         validate_fragment_count(self.run.fragments, mcfg.n_layers)
         validate_schedule(self.run.inner_steps, self.run.fragments)
@@ -280,7 +358,8 @@ def adopt_run_config(cfg: DaemonConfig, run: dict[str, Any]) -> DaemonConfig:
     differing = differing_settings(run, cfg.values, cfg.explicit)
     if differing:
         raise click.UsageError(
-            "this peer's settings contradict the run's config:\n  " + "\n  ".join(differing)
+            "this peer's settings contradict the run's config:\n  "
+            + "\n  ".join(differing)
             + "\ndrop these flags to adopt the run's values, or start a new run with --run"
         )
     values = dict(cfg.values)

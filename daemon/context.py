@@ -76,11 +76,11 @@ class PeerContext:
             interceptors = client_interceptors(self.cfg.key, self.peer_id)
             if self.cfg.tls_ca is not None:
                 credentials = grpc.ssl_channel_credentials(self.cfg.tls_ca.read_bytes())
-                channel = aio.secure_channel(address, credentials, options=options,
-                                             interceptors=interceptors)
+                channel = aio.secure_channel(
+                    address, credentials, options=options, interceptors=interceptors
+                )
             else:
-                channel = aio.insecure_channel(address, options=options,
-                                               interceptors=interceptors)
+                channel = aio.insecure_channel(address, options=options, interceptors=interceptors)
             self._channels[address] = channel
         return channel
 
@@ -93,8 +93,9 @@ class PeerContext:
         """Leave a peer out of leader choice for a while after it failed us."""
         if peer_id and peer_id != self.peer_id:
             self.suspected[peer_id] = time.monotonic() + SUSPECT_S
-            self.log.info("peer %s is unreachable (%s); leaving it out for %.0fs",
-                          peer_id, reason, SUSPECT_S)
+            self.log.info(
+                "peer %s is unreachable (%s); leaving it out for %.0fs", peer_id, reason, SUSPECT_S
+            )
 
     def live_peers(self) -> list[PeerRecord]:
         """Peers believed alive, oldest member first (the leader order)."""
@@ -102,8 +103,11 @@ class PeerContext:
         for peer_id in [p for p, until in self.suspected.items() if until < now]:
             del self.suspected[peer_id]
         return sorted(
-            (r for r in self.peers.values()
-             if r.peer_id not in self.left and r.peer_id not in self.suspected),
+            (
+                r
+                for r in self.peers.values()
+                if r.peer_id not in self.left and r.peer_id not in self.suspected
+            ),
             key=lambda r: (r.joined_at, r.peer_id),
         )
 

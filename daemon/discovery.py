@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,8 +141,13 @@ def _parse_record(owner: Any, value: Any) -> PeerRecord | None:
     return record
 
 
-def start_dht(*, initial_peers: list[str], host_maddrs: list[str], key: Any,
-              announce_maddrs: list[str] | None = None) -> tuple[Any, bytes]:
+def start_dht(
+    *,
+    initial_peers: list[str],
+    host_maddrs: list[str],
+    key: Any,
+    announce_maddrs: list[str] | None = None,
+) -> tuple[Any, bytes]:
     """Start hivemind's DHT (its own process) with a signature validator for our key.
 
     Must run before any gRPC object is created in this process (gRPC and fork do not mix).

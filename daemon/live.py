@@ -20,17 +20,22 @@ def render(board: StatusBoard, ctx: PeerContext) -> list[str]:
     with board.lock:
         eval_loss = f"{board.eval_loss:.3f}" if board.eval_loss == board.eval_loss else "–"
         train_loss = f"{board.train_loss:.3f}" if board.train_loss == board.train_loss else "–"
-        head = (f"locod {ctx.cfg.run_name} · peer {ctx.peer_id[:8]} · {board.state}"
-                + (f" ({board.note})" if board.note else ""))
+        head = f"locod {ctx.cfg.run_name} · peer {ctx.peer_id[:8]} · {board.state}" + (
+            f" ({board.note})" if board.note else ""
+        )
         if board.download_total:
             head += f" · download {_bytes(board.download_done)}/{_bytes(board.download_total)}"
-        first = (f"{head} · step {board.step} · {board.tokens_per_s:,.0f} tok/s · "
-                 f"loss {train_loss} · eval {eval_loss}")
-        second = (f"peers {len(ctx.live_peers())} · rounds {board.rounds_applied} "
-                  f"(failed {board.rounds_failed}, skipped {board.rounds_skipped}, repairs "
-                  f"{board.repairs}) · sent {_bytes(ctx.traffic.bytes_sent)} · received "
-                  f"{_bytes(ctx.traffic.bytes_received)} · waited {board.waited_s:.1f}s "
-                  f"({100 * board.wait_fraction:.1f}%)")
+        first = (
+            f"{head} · step {board.step} · {board.tokens_per_s:,.0f} tok/s · "
+            f"loss {train_loss} · eval {eval_loss}"
+        )
+        second = (
+            f"peers {len(ctx.live_peers())} · rounds {board.rounds_applied} "
+            f"(failed {board.rounds_failed}, skipped {board.rounds_skipped}, repairs "
+            f"{board.repairs}) · sent {_bytes(ctx.traffic.bytes_sent)} · received "
+            f"{_bytes(ctx.traffic.bytes_received)} · waited {board.waited_s:.1f}s "
+            f"({100 * board.wait_fraction:.1f}%)"
+        )
         third = "fragments " + "  ".join(
             f"{f.index}:r{f.round}×{f.group_size}" for f in board.fragments
         )
@@ -38,8 +43,14 @@ def render(board: StatusBoard, ctx: PeerContext) -> list[str]:
 
 
 class LiveView:
-    def __init__(self, *, enabled: bool, stream: TextIO | None = None,
-                 interval_s: float = 1.0, quiet_interval_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        stream: TextIO | None = None,
+        interval_s: float = 1.0,
+        quiet_interval_s: float = 10.0,
+    ) -> None:
         self.stream = stream or sys.stderr
         self.interactive = enabled and self.stream.isatty()
         self.interval_s = interval_s if self.interactive else quiet_interval_s

@@ -87,8 +87,14 @@ class Group:
         )
 
 
-def make_group(fragment: int, round_index: int, members: dict[str, pb.Member], leader: str,
-               run_step: int, open_for_s: float = 0.0) -> Group:
+def make_group(
+    fragment: int,
+    round_index: int,
+    members: dict[str, pb.Member],
+    leader: str,
+    run_step: int,
+    open_for_s: float = 0.0,
+) -> Group:
     ordered = tuple(members[k] for k in sorted(members))
     hashes = Counter(m.global_hash for m in ordered)
     top = max(hashes.values())
@@ -144,8 +150,10 @@ class GroupRegistry:
         group, _ = self._closed[key]
         if member.peer_id in group.member_ids():
             return group.reply(pb.GroupReply.OK)
-        return group.reply(pb.GroupReply.TOO_LATE, "the group of this round closed before you "
-                                                   "joined; fetch the result receive-only")
+        return group.reply(
+            pb.GroupReply.TOO_LATE,
+            "the group of this round closed before you joined; fetch the result receive-only",
+        )
 
     def _complete(self, pending: _Pending) -> bool:
         expected = {r.peer_id for r in self.ctx.live_peers()}
@@ -160,11 +168,22 @@ class GroupRegistry:
         pending = self._pending.pop(key)
         if pending.timer is not None and pending.timer is not asyncio.current_task():
             pending.timer.cancel()
-        group = make_group(key[0], key[1], pending.members, self.ctx.peer_id, self.ctx.step,
-                           time.monotonic() - pending.opened_at)
+        group = make_group(
+            key[0],
+            key[1],
+            pending.members,
+            self.ctx.peer_id,
+            self.ctx.step,
+            time.monotonic() - pending.opened_at,
+        )
         self._closed[key] = (group, time.monotonic())
-        self.ctx.log.debug("round (%d, %d): closed group %s with %s", key[0], key[1],
-                           group.group_id, ", ".join(group.member_ids()))
+        self.ctx.log.debug(
+            "round (%d, %d): closed group %s with %s",
+            key[0],
+            key[1],
+            group.group_id,
+            ", ".join(group.member_ids()),
+        )
         self.on_close(group)
         pending.closed.set()
 
@@ -186,25 +205,35 @@ class Matchmaker:
         self.ctx = ctx
         self.registry = registry
 
-    async def form_group(self, fragment: int, round_index: int, me: pb.Member
-                         ) -> tuple[Group, bool]:
+    async def form_group(
+        self, fragment: int, round_index: int, me: pb.Member
+    ) -> tuple[Group, bool]:
         """(group, late): late means the group closed without us (receive-only)."""
         cfg = self.ctx.cfg
         deadline = time.monotonic() + cfg.matchmaking_window_s + 3 * cfg.connect_timeout_s
         tried: set[str] = set()
-        request = pb.JoinRequest(run=cfg.run_name, fragment=fragment, round=round_index,
-                                 member=me, protocol=self.ctx.protocol,
-                                 config_hash=self.ctx.config_hash)
+        request = pb.JoinRequest(
+            run=cfg.run_name,
+            fragment=fragment,
+            round=round_index,
+            member=me,
+            protocol=self.ctx.protocol,
+            config_hash=self.ctx.config_hash,
+        )
         while time.monotonic() < deadline:
             leader = next(
-                (r for r in self.ctx.live_peers()
-                 if not r.client_only and r.peer_id not in tried and r.address),
+                (
+                    r
+                    for r in self.ctx.live_peers()
+                    if not r.client_only and r.peer_id not in tried and r.address
+                ),
                 None,
             )
             if leader is None:
                 raise RoundFailed("no reachable leader for this round")
-            self.ctx.log.debug("round (%d, %d): joining leader %s", fragment, round_index,
-                               leader.peer_id)
+            self.ctx.log.debug(
+                "round (%d, %d): joining leader %s", fragment, round_index, leader.peer_id
+            )
             if leader.peer_id == self.ctx.peer_id:
                 reply = await self.registry.join(fragment, round_index, me)
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -65,16 +66,15 @@ class NetworkThread:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        try:
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             self.call(cancel_rest(), timeout_s)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout_s)
 
 
-async def start_server(cfg: DaemonConfig, peer_service: PeerService,
-                       status_service: StatusService) -> tuple[aio.Server, int]:
+async def start_server(
+    cfg: DaemonConfig, peer_service: PeerService, status_service: StatusService
+) -> tuple[aio.Server, int]:
     """Serve the peer, status, health and reflection services; returns (server, port)."""
     interceptors = [ServerAuth(cfg.key)] if cfg.key else []
     server = aio.server(

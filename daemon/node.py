@@ -14,6 +14,7 @@ server shut down.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import fcntl
@@ -50,7 +51,7 @@ from daemon.service import PeerService
 from daemon.state_transfer import DownloadError, Progress, Snapshot, download_state, tensor_bytes
 from daemon.status import FragmentFigures, StatusBoard, StatusService
 from peer.averaging import FragmentState
-from peer.data import BatchSampler, Corpus, CorpusError, heldout_batches, load_corpus
+from peer.data import BatchSampler, CorpusError, heldout_batches, load_corpus
 from peer.fragments import assign_flat, next_sync_step, partition
 from peer.inner import InnerTrainer, evaluate
 from peer.model import ByteTransformer, build_model, model_config
@@ -85,8 +86,10 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise StartError(f"state dir {state_dir} is in use by locod pid {holder}; "
-                         "give this daemon its own --state-dir") from None
+        raise StartError(
+            f"state dir {state_dir} is in use by locod pid {holder}; "
+            "give this daemon its own --state-dir"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -153,7 +156,7 @@ class Daemon:
         self.tokens = 0
         self.log = logging.getLogger("locod")
         self.view: LiveView | None = None
-        self._refresh_task: asyncio.Future[None] | None = None
+        self._refresh_task: concurrent.futures.Future[None] | None = None
         self._signals = 0
 
     # -- entry point ---------------------------------------------------------------------
@@ -163,8 +166,11 @@ class Daemon:
         with state_dir_lock(cfg.state_dir):
             self.view = LiveView(enabled=cfg.live)
             self.log = setup_logging(cfg, console=not self.view.interactive)
-            self.log.info("locod %s starting; effective config: %s", package_version(),
-                          json.dumps(cfg.loggable(), sort_keys=True, default=str))
+            self.log.info(
+                "locod %s starting; effective config: %s",
+                package_version(),
+                json.dumps(cfg.loggable(), sort_keys=True, default=str),
+            )
             self._install_signals()
             try:
                 self._start()
@@ -204,12 +210,18 @@ class Daemon:
         try:
             host_maddrs = [cfg.dht_listen]
             announce = [cfg.dht_announce] if cfg.dht_announce else None
-            self.dht, owner = start_dht(initial_peers=list(cfg.join), host_maddrs=host_maddrs,
-                                        key=key, announce_maddrs=announce)
-        except Exception as error:  # noqa: BLE001 - hivemind raises many kinds
-            raise StartError(f"cannot start the DHT on {cfg.dht_listen}"
-                             + (f" joining {', '.join(cfg.join)}" if cfg.join else "")
-                             + f": {error}") from error
+            self.dht, owner = start_dht(
+                initial_peers=list(cfg.join),
+                host_maddrs=host_maddrs,
+                key=key,
+                announce_maddrs=announce,
+            )
+        except Exception as error:
+            raise StartError(
+                f"cannot start the DHT on {cfg.dht_listen}"
+                + (f" joining {', '.join(cfg.join)}" if cfg.join else "")
+                + f": {error}"
+            ) from error
         self.discovery = Discovery(self.dht, cfg.run_name, owner)
         dht_addrs = [str(a) for a in self.dht.get_visible_maddrs()]
 
@@ -221,19 +233,30 @@ class Daemon:
         self.trainer = InnerTrainer(model, cfg.inner, device=device)
         fragments = partition(model, list(model.blocks), cfg.run.fragments, cfg.run.layout)
         peer_seed = int(self.discovery.peer_id[:8], 16)
-        self.sampler = BatchSampler(corpus.train, batch_size=cfg.inner.batch_size,
-                                    seq_len=cfg.inner.seq_len, seed=peer_seed)
+        self.sampler = BatchSampler(
+            corpus.train, batch_size=cfg.inner.batch_size, seq_len=cfg.inner.seq_len, seed=peer_seed
+        )
         self.corpus = corpus
-        self.eval_set = heldout_batches(corpus.heldout, batch_size=cfg.inner.batch_size,
-                                        seq_len=cfg.inner.seq_len, num_batches=cfg.eval_batches)
+        self.eval_set = heldout_batches(
+            corpus.heldout,
+            batch_size=cfg.inner.batch_size,
+            seq_len=cfg.inner.seq_len,
+            num_batches=cfg.eval_batches,
+        )
         self.eval_model: ByteTransformer = copy.deepcopy(model)
-        self.eval_fragments = partition(self.eval_model, list(self.eval_model.blocks),
-                                        cfg.run.fragments, cfg.run.layout)
+        self.eval_fragments = partition(
+            self.eval_model, list(self.eval_model.blocks), cfg.run.fragments, cfg.run.layout
+        )
 
         self.network.start()
         self.ctx = ctx = PeerContext(
-            cfg=cfg, peer_id=self.discovery.peer_id, address="", config_hash=cfg.run.hash,
-            version=package_version(), log=self.log, executor=self.executor,
+            cfg=cfg,
+            peer_id=self.discovery.peer_id,
+            address="",
+            config_hash=cfg.run.hash,
+            version=package_version(),
+            log=self.log,
+            executor=self.executor,
             faults=FaultPlan.parse(cfg.faults),
         )
         numels = [f.numel for f in fragments]
@@ -258,8 +281,9 @@ class Daemon:
         elif not cfg.client_only:
             ctx.address = f"{outward_host() if host in ('0.0.0.0', '::', '') else host}:{port}"
         listen_address = f"{host}:{port}"
-        self.averager = GrpcAverager(ctx, self.network.loop, matchmaker, reducer, wire,
-                                     repair=self._repair)
+        self.averager = GrpcAverager(
+            ctx, self.network.loop, matchmaker, reducer, wire, repair=self._repair
+        )
         self.worker.averager = self.averager
 
         join_command = self._join_command(dht_addrs)
@@ -273,12 +297,15 @@ class Daemon:
             self._restore(checkpoint)
         elif cfg.join:
             self._download()
-        self.view.message(f"locod: peer {ctx.peer_id} in run {cfg.run_name!r}; gRPC "
-                          f"{ctx.address or '(client-only)'}; status: locod status "
-                          f"{listen_address}") if self.view else None
+        self.view.message(
+            f"locod: peer {ctx.peer_id} in run {cfg.run_name!r}; gRPC "
+            f"{ctx.address or '(client-only)'}; status: locod status "
+            f"{listen_address}"
+        ) if self.view else None
         if not cfg.join:
-            self.view.message(f"locod: another site joins this run with:\n  {join_command}"
-                              ) if self.view else None
+            self.view.message(
+                f"locod: another site joins this run with:\n  {join_command}"
+            ) if self.view else None
             print(f"JOIN {join_command}", file=self.out, flush=True)
         self._wait_for_peers()
 
@@ -303,8 +330,10 @@ class Daemon:
                 if run is None:
                     time.sleep(0.5)
             if run is None:
-                raise StartError(f"no run named {cfg.run_name!r} was found through "
-                                 f"{', '.join(cfg.join)}; check --run and --join")
+                raise StartError(
+                    f"no run named {cfg.run_name!r} was found through "
+                    f"{', '.join(cfg.join)}; check --run and --join"
+                )
             try:
                 cfg = adopt_run_config(cfg, run)
             except Exception as error:  # click.UsageError: the message is the point
@@ -313,7 +342,8 @@ class Daemon:
             raise StartError(
                 f"the checkpoint in {cfg.state_dir} belongs to a run with config "
                 f"{checkpoint.get('run_config')}, not {cfg.run.as_dict()}; use another "
-                "--state-dir or the run's settings")
+                "--state-dir or the run's settings"
+            )
         return cfg
 
     def _join_command(self, dht_addrs: list[str]) -> str:
@@ -326,8 +356,14 @@ class Daemon:
 
     def _write_info(self, listen: str, dht_addrs: list[str]) -> None:
         assert self.ctx is not None
-        info = {"pid": os.getpid(), "peer_id": self.ctx.peer_id, "run": self.cfg.run_name,
-                "listen": listen, "address": self.ctx.address, "dht_addrs": dht_addrs}
+        info = {
+            "pid": os.getpid(),
+            "peer_id": self.ctx.peer_id,
+            "run": self.cfg.run_name,
+            "listen": listen,
+            "address": self.ctx.address,
+            "dht_addrs": dht_addrs,
+        }
         temp = self.cfg.state_dir / (INFO_FILE + ".tmp")
         temp.write_text(json.dumps(info))
         temp.replace(self.cfg.state_dir / INFO_FILE)
@@ -335,10 +371,15 @@ class Daemon:
     def _record(self, *, left: bool = False) -> PeerRecord:
         assert self.ctx is not None
         return PeerRecord(
-            peer_id=self.ctx.peer_id, address=self.ctx.address,
-            client_only=self.cfg.client_only, version=self.ctx.version,
-            config_hash=self.ctx.config_hash, step=self.step,
-            tokens_per_s=self.board.tokens_per_s, joined_at=self.ctx.joined_at, left=left,
+            peer_id=self.ctx.peer_id,
+            address=self.ctx.address,
+            client_only=self.cfg.client_only,
+            version=self.ctx.version,
+            config_hash=self.ctx.config_hash,
+            step=self.step,
+            tokens_per_s=self.board.tokens_per_s,
+            joined_at=self.ctx.joined_at,
+            left=left,
         )
 
     def _publish(self, *, first: bool = False, left: bool = False) -> None:
@@ -359,7 +400,7 @@ class Daemon:
                 view = {r.peer_id: r for r in peers if r.peer_id not in self.ctx.left}
                 view.setdefault(self.ctx.peer_id, self._record())
                 self.ctx.peers = view
-            except Exception as error:  # noqa: BLE001 - the DHT may hiccup; try again
+            except Exception as error:
                 self.log.warning("DHT refresh failed: %s", error)
             await asyncio.sleep(REFRESH_S)
 
@@ -398,11 +439,18 @@ class Daemon:
             for p in wanted:
                 tensors[f"global/{p}"] = tensor_bytes(worker.global_params[p])
                 tensors[f"momentum/{p}"] = tensor_bytes(worker.momentum[p])
-            rounds = [worker.stats.last[p].round if p in worker.stats.last else -1
-                      for p in range(worker.num_fragments)]
+            rounds = [
+                worker.stats.last[p].round if p in worker.stats.last else -1
+                for p in range(worker.num_fragments)
+            ]
             hashes = [worker.global_hash(p) for p in range(worker.num_fragments)]
-        return Snapshot(step=self.step, rounds=rounds, global_hashes=hashes,
-                        config_json=json.dumps(self.cfg.run.as_dict()), tensors=tensors)
+        return Snapshot(
+            step=self.step,
+            rounds=rounds,
+            global_hashes=hashes,
+            config_json=json.dumps(self.cfg.run.as_dict()),
+            tensors=tensors,
+        )
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         assert self.trainer is not None and self.worker is not None and self.sampler is not None
@@ -420,16 +468,19 @@ class Daemon:
         assert self.ctx is not None and self.worker is not None
         self.board.update(state="downloading state")
         self._refresh_now()
-        donors = [r.address for r in self.ctx.live_peers()
-                  if r.peer_id != self.ctx.peer_id and r.address]
+        donors = [
+            r.address for r in self.ctx.live_peers() if r.peer_id != self.ctx.peer_id and r.address
+        ]
         if not donors:
-            raise StartError("no live peer with a reachable address to download the state "
-                             "from; is the run still going?")
+            raise StartError(
+                "no live peer with a reachable address to download the state "
+                "from; is the run still going?"
+            )
         progress = Progress()
+        ctx = self.ctx
 
         async def fetch() -> Any:
-            task = asyncio.ensure_future(download_state(self.ctx, donors,  # type: ignore[arg-type]
-                                                        progress=progress))
+            task = asyncio.ensure_future(download_state(ctx, donors, progress=progress))
             while not task.done():
                 self.board.update(download_done=progress.done, download_total=progress.total)
                 await asyncio.sleep(0.2)
@@ -441,41 +492,54 @@ class Daemon:
             raise StartError(f"state download failed: {error}") from error
         self._adopt_download(downloaded.manifest, downloaded.tensors)
         self.board.update(download_done=progress.done, download_total=progress.total)
-        self.log.info("downloaded %d bytes of state from %s in %.1fs; starting at step %d",
-                      progress.done, ", ".join(downloaded.donors_used),
-                      time.monotonic() - progress.started, self.step)
+        self.log.info(
+            "downloaded %d bytes of state from %s in %.1fs; starting at step %d",
+            progress.done,
+            ", ".join(downloaded.donors_used),
+            time.monotonic() - progress.started,
+            self.step,
+        )
 
-    def _adopt_download(self, manifest: pb.StateManifest, tensors: dict[str, torch.Tensor]
-                        ) -> None:
+    def _adopt_download(self, manifest: pb.StateManifest, tensors: dict[str, torch.Tensor]) -> None:
         worker = self.worker
         assert worker is not None
         for p in range(worker.num_fragments):
-            worker.adopt(p, FragmentState(global_params=tensors[f"global/{p}"],
-                                          momentum=tensors[f"momentum/{p}"]))
+            worker.adopt(
+                p,
+                FragmentState(
+                    global_params=tensors[f"global/{p}"], momentum=tensors[f"momentum/{p}"]
+                ),
+            )
             worker.mark_round(p, int(manifest.rounds[p]))
         worker.reset_local_to_global()
         self.step = int(manifest.step)
 
-    async def _repair(self, fragment: int, round_index: int, majority_hash: str
-                      ) -> tuple[FragmentState, bool] | None:
+    async def _repair(
+        self, fragment: int, round_index: int, majority_hash: str
+    ) -> tuple[FragmentState, bool] | None:
         """Fetch the group's state of one fragment from a peer that holds it (I3)."""
         assert self.ctx is not None
-        donors = [r.address for r in self.ctx.live_peers()
-                  if r.peer_id != self.ctx.peer_id and r.address]
+        donors = [
+            r.address for r in self.ctx.live_peers() if r.peer_id != self.ctx.peer_id and r.address
+        ]
         for donor in donors:
             try:
                 got = await download_state(self.ctx, [donor], fragments=[fragment])
             except DownloadError:
                 continue
-            state = FragmentState(global_params=got.tensors[f"global/{fragment}"],
-                                  momentum=got.tensors[f"momentum/{fragment}"])
+            state = FragmentState(
+                global_params=got.tensors[f"global/{fragment}"],
+                momentum=got.tensors[f"momentum/{fragment}"],
+            )
             if got.manifest.global_hashes[fragment] == majority_hash:
-                self.log.info("repair of fragment %d: took the group's state from %s",
-                              fragment, donor)
+                self.log.info(
+                    "repair of fragment %d: took the group's state from %s", fragment, donor
+                )
                 return state, False
             if got.manifest.rounds[fragment] == round_index:
-                self.log.info("repair of fragment %d: took the post-round state from %s",
-                              fragment, donor)
+                self.log.info(
+                    "repair of fragment %d: took the post-round state from %s", fragment, donor
+                )
                 return state, True
         return None
 
@@ -496,8 +560,11 @@ class Daemon:
             inputs, targets = sampler.next()
             loss = trainer.train_step(inputs, targets)
             if not math.isfinite(loss):
-                self.log.error("training loss is %s at step %d; skipping the outer sync of "
-                               "this step", loss, self.step + 1)
+                self.log.error(
+                    "training loss is %s at step %d; skipping the outer sync of this step",
+                    loss,
+                    self.step + 1,
+                )
             self.step += 1
             self.tokens += tokens_per_step
             ctx.step = self.step
@@ -541,20 +608,28 @@ class Daemon:
             return
         step_s = (t1 - t0) / ((k1 - k0) / self.cfg.inner.tokens_per_step)
         behind_steps = int(behind_s / step_s)
-        room = next_sync_step(self.step, self.cfg.run.fragments, self.cfg.run.inner_steps) \
-            - self.step - 1
+        room = (
+            next_sync_step(self.step, self.cfg.run.fragments, self.cfg.run.inner_steps)
+            - self.step
+            - 1
+        )
         leap = min(behind_steps, room)
         if leap > 0:
             self.step += leap
-            self.log.info("caught up %d step(s) (%.1fs behind the group) to step %d", leap,
-                          behind_s, self.step)
+            self.log.info(
+                "caught up %d step(s) (%.1fs behind the group) to step %d",
+                leap,
+                behind_s,
+                self.step,
+            )
 
     def _evaluate(self) -> None:
         worker = self.worker
         assert worker is not None and self.trainer is not None
         with worker.lock:
-            for fragment, global_params in zip(self.eval_fragments, worker.global_params,
-                                               strict=True):
+            for fragment, global_params in zip(
+                self.eval_fragments, worker.global_params, strict=True
+            ):
                 assign_flat(fragment.params, global_params)
         loss = evaluate(self.eval_model, self.eval_set, self.trainer.device)
         with self.board.lock:
@@ -562,8 +637,9 @@ class Daemon:
             self.board.evals.append((self.step, round(loss, 4)))
         self.log.info("step %d: eval loss of the outer parameters %.4f", self.step, loss)
 
-    def _publish_figures(self, loss: float, rate_window: list[tuple[float, int]],
-                         training_s: float) -> None:
+    def _publish_figures(
+        self, loss: float, rate_window: list[tuple[float, int]], training_s: float
+    ) -> None:
         worker = self.worker
         assert worker is not None
         (t0, k0), (t1, k1) = rate_window[0], rate_window[-1]
@@ -571,19 +647,33 @@ class Daemon:
         fragments = []
         for p, fragment in enumerate(worker.fragments):
             record = stats.last.get(p)
-            fragments.append(FragmentFigures(
-                index=p, round=record.round if record else -1,
-                global_hash=worker.global_hash(p), group_size=record.group_size if record else 0,
-                duration_s=record.duration_s if record else 0.0,
-                outcome=record.outcome if record else "none", numel=fragment.numel,
-            ))
+            fragments.append(
+                FragmentFigures(
+                    index=p,
+                    round=record.round if record else -1,
+                    global_hash=worker.global_hash(p),
+                    group_size=record.group_size if record else 0,
+                    duration_s=record.duration_s if record else 0.0,
+                    outcome=record.outcome if record else "none",
+                    numel=fragment.numel,
+                )
+            )
         self.board.update(
-            step=self.step, tokens=self.tokens,
+            step=self.step,
+            tokens=self.tokens,
             tokens_per_s=(k1 - k0) / (t1 - t0) if t1 > t0 else 0.0,
-            train_loss=loss, rounds_applied=stats.rounds_applied,
-            rounds_failed=stats.rounds_failed, rounds_skipped=stats.rounds_skipped,
-            repairs=stats.repairs, waited_s=stats.wait_s, training_s=training_s,
+            train_loss=loss,
+            rounds_applied=stats.rounds_applied,
+            rounds_failed=stats.rounds_failed,
+            rounds_skipped=stats.rounds_skipped,
+            repairs=stats.repairs,
+            waited_s=stats.wait_s,
+            training_s=training_s,
             fragments=fragments,
+            rounds=[
+                (r.fragment, r.round, r.group_size, r.duration_s, r.outcome)
+                for r in list(stats.history)[-200:]
+            ],
         )
 
     def _checkpoint(self) -> None:
@@ -650,8 +740,9 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await stub.Leave(notice, timeout=1.0)
 
-        await asyncio.gather(*(tell(r.address) for r in ctx.live_peers()
-                               if r.peer_id != ctx.peer_id and r.address))
+        await asyncio.gather(
+            *(tell(r.address) for r in ctx.live_peers() if r.peer_id != ctx.peer_id and r.address)
+        )
         await ctx.close_channels()
 
 
@@ -674,5 +765,3 @@ def read_info(state_dir: Path) -> dict[str, Any] | None:
         return dict(json.loads((state_dir / INFO_FILE).read_text()))
     except (OSError, ValueError):
         return None
-
-

@@ -18,8 +18,14 @@ from daemon.state_transfer import StateServer
 class PeerService(peer_pb2_grpc.PeerServicer):
     """Checks every request against the run before handing it to the part that owns it."""
 
-    def __init__(self, ctx: PeerContext, registry: GroupRegistry, reducer: Reducer,
-                 state: StateServer, fragment_count: int) -> None:
+    def __init__(
+        self,
+        ctx: PeerContext,
+        registry: GroupRegistry,
+        reducer: Reducer,
+        state: StateServer,
+        fragment_count: int,
+    ) -> None:
         self.ctx = ctx
         self.registry = registry
         self.reducer = reducer
@@ -28,24 +34,33 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     async def _check_run(self, run: str, context: aio.ServicerContext) -> None:
         if run != self.ctx.cfg.run_name:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"this peer is in run {self.ctx.cfg.run_name!r}, not {run!r}")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this peer is in run {self.ctx.cfg.run_name!r}, not {run!r}",
+            )
 
-    async def Ping(self, request: pb.PingRequest, context: aio.ServicerContext  # noqa: N802
-                   ) -> pb.PingReply:
-        return pb.PingReply(peer_id=self.ctx.peer_id, run=self.ctx.cfg.run_name,
-                            version=self.ctx.version, protocol=self.ctx.protocol,
-                            step=self.ctx.step, config_hash=self.ctx.config_hash)
+    async def Ping(self, request: pb.PingRequest, context: aio.ServicerContext) -> pb.PingReply:
+        return pb.PingReply(
+            peer_id=self.ctx.peer_id,
+            run=self.ctx.cfg.run_name,
+            version=self.ctx.version,
+            protocol=self.ctx.protocol,
+            step=self.ctx.step,
+            config_hash=self.ctx.config_hash,
+        )
 
-    async def JoinGroup(self, request: pb.JoinRequest,  # noqa: N802
-                        context: aio.ServicerContext) -> pb.GroupReply:
+    async def JoinGroup(
+        self, request: pb.JoinRequest, context: aio.ServicerContext
+    ) -> pb.GroupReply:
         await self._check_run(request.run, context)
         refusal = ""
         if request.protocol != self.ctx.protocol:
             refusal = f"protocol {request.protocol} is not this peer's {self.ctx.protocol}"
         elif request.config_hash != self.ctx.config_hash:
-            refusal = (f"run config {request.config_hash} differs from the run's "
-                       f"{self.ctx.config_hash}; restart without the differing flags")
+            refusal = (
+                f"run config {request.config_hash} differs from the run's "
+                f"{self.ctx.config_hash}; restart without the differing flags"
+            )
         elif not 0 <= request.fragment < self.fragment_count or request.round < 0:
             refusal = f"no fragment {request.fragment} / round {request.round} in this run"
         elif not request.member.peer_id:
@@ -54,27 +69,29 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             return pb.GroupReply(status=pb.GroupReply.REFUSED, message=refusal)
         return await self.registry.join(request.fragment, request.round, request.member)
 
-    async def Reduce(self, request_iterator: AsyncIterator[pb.ReduceMessage],  # noqa: N802
-                     context: aio.ServicerContext) -> AsyncIterator[pb.ReduceMessage]:
+    async def Reduce(
+        self, request_iterator: AsyncIterator[pb.ReduceMessage], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.ReduceMessage]:
         if self.ctx.cfg.client_only:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "client-only peer")
         async for message in self.reducer.serve(request_iterator, context):
             yield message
 
-    async def GetStateManifest(self, request: pb.StateManifestRequest,  # noqa: N802
-                               context: aio.ServicerContext) -> pb.StateManifest:
+    async def GetStateManifest(
+        self, request: pb.StateManifestRequest, context: aio.ServicerContext
+    ) -> pb.StateManifest:
         await self._check_run(request.run, context)
         if any(not 0 <= p < self.fragment_count for p in request.fragments):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown fragment")
         return await self.state.manifest(request)
 
-    async def GetStateChunk(self, request: pb.StateChunkRequest,  # noqa: N802
-                            context: aio.ServicerContext) -> pb.StateChunk:
+    async def GetStateChunk(
+        self, request: pb.StateChunkRequest, context: aio.ServicerContext
+    ) -> pb.StateChunk:
         await self._check_run(request.run, context)
         return await self.state.chunk(request, context)
 
-    async def Leave(self, request: pb.LeaveNotice, context: aio.ServicerContext  # noqa: N802
-                    ) -> pb.Ack:
+    async def Leave(self, request: pb.LeaveNotice, context: aio.ServicerContext) -> pb.Ack:
         await self._check_run(request.run, context)
         if request.peer_id and request.peer_id != self.ctx.peer_id:
             self.ctx.left.add(request.peer_id)
@@ -82,14 +99,18 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             self.ctx.log.info("peer %s left the run", request.peer_id)
         return pb.Ack()
 
-    async def DialBack(self, request: pb.DialBackRequest,  # noqa: N802
-                       context: aio.ServicerContext) -> pb.DialBackReply:
+    async def DialBack(
+        self, request: pb.DialBackRequest, context: aio.ServicerContext
+    ) -> pb.DialBackReply:
         await self._check_run(request.run, context)
         stub = peer_pb2_grpc.PeerStub(self.ctx.channel(request.address))
         try:
-            reply = await stub.Ping(pb.PingRequest(run=request.run, sender=self.ctx.peer_id),
-                                    timeout=self.ctx.cfg.connect_timeout_s)
+            reply = await stub.Ping(
+                pb.PingRequest(run=request.run, sender=self.ctx.peer_id),
+                timeout=self.ctx.cfg.connect_timeout_s,
+            )
         except grpc.aio.AioRpcError as error:
-            return pb.DialBackReply(reachable=False,
-                                    message=f"{request.address}: {error.code().name}")
+            return pb.DialBackReply(
+                reachable=False, message=f"{request.address}: {error.code().name}"
+            )
         return pb.DialBackReply(reachable=reply.run == request.run, message="ok")

@@ -61,15 +61,29 @@ def _choice(values: Iterable[str]) -> click.Choice:
 
 ALGORITHM: tuple[Setting, ...] = (
     Setting("model", _choice(MODEL_PRESETS), "small", "Model preset.", "run"),
-    Setting("seed", int, 0, "Seed of the initial weights (each peer's data stream mixes in "
-            "its own identity).", "run"),
+    Setting(
+        "seed",
+        int,
+        0,
+        "Seed of the initial weights (each peer's data stream mixes in its own identity).",
+        "run",
+    ),
     Setting("inner_steps", int, 100, "H: inner steps between two syncs of a fragment.", "run"),
-    Setting("fragments", int, 0, "P: number of fragments (0: one per ~3 blocks, plus the "
-            "embeddings' fragment).", "run"),
-    Setting("layout", _choice(LAYOUTS), "strided", "How blocks are spread over fragments.",
-            "run"),
-    Setting("overlap", int, 1, "τ: inner steps between sending a fragment and applying the "
-            "group's mean.", "run"),
+    Setting(
+        "fragments",
+        int,
+        0,
+        "P: number of fragments (0: one per ~3 blocks, plus the embeddings' fragment).",
+        "run",
+    ),
+    Setting("layout", _choice(LAYOUTS), "strided", "How blocks are spread over fragments.", "run"),
+    Setting(
+        "overlap",
+        int,
+        1,
+        "τ: inner steps between sending a fragment and applying the group's mean.",
+        "run",
+    ),
     Setting("alpha", float, 0.5, "α: merge θ ← α·θ + (1−α)·θ_g when a result lands.", "run"),
     Setting("outer_lr", float, 0.4, "Outer Nesterov learning rate.", "run"),
     Setting("outer_momentum", float, 0.9, "Outer momentum (0: plain outer SGD).", "run"),
@@ -77,23 +91,46 @@ ALGORITHM: tuple[Setting, ...] = (
     Setting("wire_block", int, 64, "Values per quantization scale.", "run"),
     Setting("zstd_level", int, 3, "zstd level after quantization (0: none)."),
     Setting("rounding", _choice(["nearest", "stochastic"]), "nearest", "Quantizer rounding."),
-    Setting("late_wait_s", float, 60.0, "Seconds training waits for a result that is later "
-            "than τ steps."),
-    Setting("late_policy", _choice(LATE_POLICIES), "apply", "After the late wait: apply the "
-            "result whenever it comes, or skip it."),
+    Setting(
+        "late_wait_s",
+        float,
+        60.0,
+        "Seconds training waits for a result that is later than τ steps.",
+    ),
+    Setting(
+        "late_policy",
+        _choice(LATE_POLICIES),
+        "apply",
+        "After the late wait: apply the result whenever it comes, or skip it.",
+    ),
     Setting("inner_optimizer", _choice(INNER_OPTIMIZERS), "adamw", "Inner optimizer."),
     Setting("lr", float, 4e-4, "Peak inner learning rate."),
     Setting("warmup_steps", int, 100, "Inner learning-rate warmup steps."),
-    Setting("decay_steps", int, 0, "Cosine decay horizon in steps (0: constant after warmup; "
-            "simulate uses --steps)."),
+    Setting(
+        "decay_steps",
+        int,
+        0,
+        "Cosine decay horizon in steps (0: constant after warmup; simulate uses --steps).",
+    ),
     Setting("weight_decay", float, 0.1, "Inner AdamW weight decay."),
     Setting("grad_clip", float, 1.0, "Inner gradient-norm clip (0: off)."),
     Setting("batch_size", int, 8, "Sequences per inner step."),
     Setting("seq_len", int, 128, "Bytes per sequence."),
-    Setting("data", str, (), "Text files, folders or globs (repeatable; default: the running "
-            "Python's standard library).", multiple=True, metavar="PATH"),
-    Setting("cache_dir", click.Path(file_okay=False, path_type=Path), None,
-            "Where packed corpora are kept (default ~/.cache/locod/corpus)."),
+    Setting(
+        "data",
+        str,
+        (),
+        "Text files, folders or globs (repeatable; default: the running "
+        "Python's standard library).",
+        multiple=True,
+        metavar="PATH",
+    ),
+    Setting(
+        "cache_dir",
+        click.Path(file_okay=False, path_type=Path),
+        None,
+        "Where packed corpora are kept (default ~/.cache/locod/corpus).",
+    ),
     Setting("device", str, "cpu", "torch device to train on (cpu, cuda, cuda:1, ...)."),
 )
 
@@ -136,8 +173,12 @@ class Resolved:
     sources: dict[str, str]
 
 
-def resolve(ctx: click.Context, values: dict[str, Any], settings: Iterable[Setting],
-            config_file: Path | None) -> Resolved:
+def resolve(
+    ctx: click.Context,
+    values: dict[str, Any],
+    settings: Iterable[Setting],
+    config_file: Path | None,
+) -> Resolved:
     """Overlay the config file under the command line and the environment."""
     by_name = {s.name: s for s in settings}
     from_file: dict[str, Any] = {}
@@ -167,12 +208,17 @@ def resolve(ctx: click.Context, values: dict[str, Any], settings: Iterable[Setti
     sources: dict[str, str] = {}
     for name in by_name:
         source = ctx.get_parameter_source(name)
-        if source in (click.core.ParameterSource.COMMANDLINE,
-                      click.core.ParameterSource.ENVIRONMENT):
+        if source in (
+            click.core.ParameterSource.COMMANDLINE,
+            click.core.ParameterSource.ENVIRONMENT,
+        ):
             effective[name] = values[name]
             explicit.add(name)
-            sources[name] = "command line" if source == click.core.ParameterSource.COMMANDLINE \
+            sources[name] = (
+                "command line"
+                if source == click.core.ParameterSource.COMMANDLINE
                 else "environment"
+            )
         elif name in from_file:
             effective[name] = from_file[name]
             explicit.add(name)

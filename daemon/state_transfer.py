@@ -76,19 +76,31 @@ class StateServer:
             snapshot = self._recent(fragments)
             if snapshot is None:
                 loop = asyncio.get_running_loop()
-                snapshot = await loop.run_in_executor(self.ctx.executor, self.take_snapshot,
-                                                      fragments)
+                snapshot = await loop.run_in_executor(
+                    self.ctx.executor, self.take_snapshot, fragments
+                )
                 self.snapshots[snapshot.snapshot_id] = snapshot
             self._prune()
         tensors = []
         for name, data in snapshot.tensors.items():
-            hashes = [chunk_hash(data[i : i + STATE_CHUNK_BYTES])
-                      for i in range(0, len(data), STATE_CHUNK_BYTES)]
-            tensors.append(pb.StateTensor(name=name, numel=len(data) // 4,
-                                          chunk_bytes=STATE_CHUNK_BYTES, chunk_hashes=hashes))
+            hashes = [
+                chunk_hash(data[i : i + STATE_CHUNK_BYTES])
+                for i in range(0, len(data), STATE_CHUNK_BYTES)
+            ]
+            tensors.append(
+                pb.StateTensor(
+                    name=name,
+                    numel=len(data) // 4,
+                    chunk_bytes=STATE_CHUNK_BYTES,
+                    chunk_hashes=hashes,
+                )
+            )
         return pb.StateManifest(
-            snapshot_id=snapshot.snapshot_id, config_json=snapshot.config_json,
-            step=snapshot.step, rounds=snapshot.rounds, tensors=tensors,
+            snapshot_id=snapshot.snapshot_id,
+            config_json=snapshot.config_json,
+            step=snapshot.step,
+            rounds=snapshot.rounds,
+            tensors=tensors,
             global_hashes=snapshot.global_hashes,
         )
 
@@ -107,8 +119,9 @@ class StateServer:
         while len(self.snapshots) > 4:
             del self.snapshots[next(iter(self.snapshots))]
 
-    async def chunk(self, request: pb.StateChunkRequest, context: aio.ServicerContext
-                    ) -> pb.StateChunk:
+    async def chunk(
+        self, request: pb.StateChunkRequest, context: aio.ServicerContext
+    ) -> pb.StateChunk:
         snapshot = self.snapshots.get(request.snapshot_id)
         if snapshot is None or request.name not in snapshot.tensors:
             await context.abort(grpc.StatusCode.NOT_FOUND, "snapshot expired or unknown tensor")
@@ -118,8 +131,9 @@ class StateServer:
         if request.index < 0 or start >= max(1, len(data)):
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"no chunk {request.index}")
         if self._slots.locked():
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                "this donor is serving its maximum; try another")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "this donor is serving its maximum; try another"
+            )
         async with self._slots:
             piece = data[start : start + STATE_CHUNK_BYTES]
             self.bytes_served += len(piece)
@@ -153,19 +167,26 @@ class Downloaded:
     donors_used: list[str]
 
 
-async def download_state(ctx: PeerContext, donors: list[str], *, fragments: list[int] | None = None,
-                         progress: Progress | None = None) -> Downloaded:
+async def download_state(
+    ctx: PeerContext,
+    donors: list[str],
+    *,
+    fragments: list[int] | None = None,
+    progress: Progress | None = None,
+) -> Downloaded:
     """Fetch a snapshot's tensors from ``donors`` (gRPC addresses) in verified chunks."""
     progress = progress or Progress()
-    request = pb.StateManifestRequest(run=ctx.cfg.run_name, sender=ctx.peer_id,
-                                      fragments=fragments or [])
+    request = pb.StateManifestRequest(
+        run=ctx.cfg.run_name, sender=ctx.peer_id, fragments=fragments or []
+    )
     manifests: dict[str, pb.StateManifest] = {}
 
     async def ask(address: str) -> None:
         stub = peer_pb2_grpc.PeerStub(ctx.channel(address))
         try:
             manifests[address] = await stub.GetStateManifest(
-                request, timeout=ctx.cfg.connect_timeout_s * 4)
+                request, timeout=ctx.cfg.connect_timeout_s * 4
+            )
         except grpc.aio.AioRpcError as error:
             ctx.log.info("donor %s gave no manifest: %s", address, error.code().name)
 
@@ -185,8 +206,9 @@ async def download_state(ctx: PeerContext, donors: list[str], *, fragments: list
 
     def serves(address: str, name: str) -> bool:
         manifest = manifests[address]
-        return any(t.name == name and list(t.chunk_hashes) == hashes[name]
-                   for t in manifest.tensors)
+        return any(
+            t.name == name and list(t.chunk_hashes) == hashes[name] for t in manifest.tensors
+        )
 
     async def worker(address: str) -> None:
         """Pull chunks this donor can serve until the queue is empty or it fails 3 times."""
@@ -203,9 +225,11 @@ async def download_state(ctx: PeerContext, donors: list[str], *, fragments: list
                 continue
             try:
                 reply = await stub.GetStateChunk(
-                    pb.StateChunkRequest(run=ctx.cfg.run_name, snapshot_id=snapshot_id,
-                                         name=name, index=index),
-                    timeout=ctx.cfg.chunk_timeout_s)
+                    pb.StateChunkRequest(
+                        run=ctx.cfg.run_name, snapshot_id=snapshot_id, name=name, index=index
+                    ),
+                    timeout=ctx.cfg.chunk_timeout_s,
+                )
             except grpc.aio.AioRpcError as error:
                 queue.put_nowait((name, index))
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -237,6 +261,8 @@ async def download_state(ctx: PeerContext, donors: list[str], *, fragments: list
     for tensor in primary.tensors:
         data = b"".join(pieces[(tensor.name, i)] for i in range(len(tensor.chunk_hashes)))
         if len(data) != tensor.numel * 4:
-            raise DownloadError(f"{tensor.name}: got {len(data)} bytes, expected {tensor.numel * 4}")
+            raise DownloadError(
+                f"{tensor.name}: got {len(data)} bytes, expected {tensor.numel * 4}"
+            )
         tensors[tensor.name] = bytes_tensor(data)
     return Downloaded(manifest=primary, tensors=tensors, donors_used=sorted(donors_used))

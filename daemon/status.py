@@ -50,6 +50,8 @@ class StatusBoard:
     waited_s: float = 0.0
     training_s: float = 0.0
     fragments: list[FragmentFigures] = field(default_factory=list)
+    rounds: list[tuple[int, int, int, float, str]] = field(default_factory=list)
+    """(fragment, round, group size, duration, outcome) of the latest rounds."""
     download_done: int = 0
     download_total: int = 0
     dht_addrs: list[str] = field(default_factory=list)
@@ -71,31 +73,59 @@ class StatusBoard:
 def build_reply(board: StatusBoard, ctx: PeerContext) -> spb.StatusReply:
     with board.lock:
         return spb.StatusReply(
-            peer_id=ctx.peer_id, run=ctx.cfg.run_name, step=board.step, tokens=board.tokens,
-            listen=ctx.address, dht_addrs=list(board.dht_addrs),
+            peer_id=ctx.peer_id,
+            run=ctx.cfg.run_name,
+            step=board.step,
+            tokens=board.tokens,
+            listen=ctx.address,
+            dht_addrs=list(board.dht_addrs),
             peers=[
-                spb.KnownPeer(peer_id=r.peer_id, address=r.address, client_only=r.client_only,
-                              step=r.step, tokens_per_s=r.tokens_per_s)
+                spb.KnownPeer(
+                    peer_id=r.peer_id,
+                    address=r.address,
+                    client_only=r.client_only,
+                    step=r.step,
+                    tokens_per_s=r.tokens_per_s,
+                )
                 for r in ctx.live_peers()
             ],
-            bytes_sent=ctx.traffic.bytes_sent, bytes_received=ctx.traffic.bytes_received,
+            bytes_sent=ctx.traffic.bytes_sent,
+            bytes_received=ctx.traffic.bytes_received,
             wait_fraction=board.wait_fraction,
             fragments=[
-                spb.FragmentStatus(index=f.index, round=f.round, global_hash=f.global_hash,
-                                   group_size=f.group_size, duration_s=f.duration_s,
-                                   outcome=f.outcome, numel=f.numel)
+                spb.FragmentStatus(
+                    index=f.index,
+                    round=f.round,
+                    global_hash=f.global_hash,
+                    group_size=f.group_size,
+                    duration_s=f.duration_s,
+                    outcome=f.outcome,
+                    numel=f.numel,
+                )
                 for f in board.fragments
             ],
-            tokens_per_s=board.tokens_per_s, train_loss=board.train_loss,
-            eval_loss=board.eval_loss, rounds_applied=board.rounds_applied,
-            rounds_failed=board.rounds_failed, rounds_skipped=board.rounds_skipped,
-            waited_s=board.waited_s, uptime_s=time.monotonic() - board.started,
-            client_only=ctx.cfg.client_only, repairs=board.repairs, state=board.state,
-            version=ctx.version, config_hash=ctx.config_hash,
-            download_done=board.download_done, download_total=board.download_total,
+            tokens_per_s=board.tokens_per_s,
+            train_loss=board.train_loss,
+            eval_loss=board.eval_loss,
+            rounds_applied=board.rounds_applied,
+            rounds_failed=board.rounds_failed,
+            rounds_skipped=board.rounds_skipped,
+            waited_s=board.waited_s,
+            uptime_s=time.monotonic() - board.started,
+            client_only=ctx.cfg.client_only,
+            repairs=board.repairs,
+            state=board.state,
+            version=ctx.version,
+            config_hash=ctx.config_hash,
+            download_done=board.download_done,
+            download_total=board.download_total,
             join_command=board.join_command,
             evals=[spb.EvalPoint(step=s, loss=loss) for s, loss in board.evals[-100:]],
             note=board.note,
+            rounds=[
+                spb.RoundStatus(fragment=f, round=r, group_size=g, duration_s=d, outcome=o)
+                for f, r, g, d, o in board.rounds[-200:]
+            ],
         )
 
 
@@ -104,8 +134,9 @@ class StatusService(status_pb2_grpc.StatusServicer):
         self.board = board
         self.ctx = ctx
 
-    async def GetStatus(self, request: spb.StatusRequest,  # noqa: N802
-                        context: aio.ServicerContext) -> spb.StatusReply:
+    async def GetStatus(
+        self, request: spb.StatusRequest, context: aio.ServicerContext
+    ) -> spb.StatusReply:
         return build_reply(self.board, self.ctx)
 
 
@@ -113,8 +144,9 @@ class StatusUnavailable(Exception):
     """The daemon could not be reached or refused the query."""
 
 
-def query_status(address: str, *, key: str = "", timeout_s: float = 5.0,
-                 tls_ca: bytes | None = None) -> dict[str, Any]:
+def query_status(
+    address: str, *, key: str = "", timeout_s: float = 5.0, tls_ca: bytes | None = None
+) -> dict[str, Any]:
     """Ask the daemon at ``address`` for its status, as a JSON-ready dict."""
     import asyncio
 
@@ -123,8 +155,9 @@ def query_status(address: str, *, key: str = "", timeout_s: float = 5.0,
     async def ask() -> spb.StatusReply:
         interceptors = client_interceptors(key, "locod-status")
         if tls_ca is not None:
-            channel = aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca),
-                                         interceptors=interceptors)
+            channel = aio.secure_channel(
+                address, grpc.ssl_channel_credentials(tls_ca), interceptors=interceptors
+            )
         else:
             channel = aio.insecure_channel(address, interceptors=interceptors)
         async with channel:
@@ -145,8 +178,11 @@ def message_to_dict(message: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for descriptor in message.DESCRIPTOR.fields:
         value = getattr(message, descriptor.name)
-        repeated = not isinstance(value, str | bytes) and hasattr(value, "__len__") and \
-            not hasattr(value, "DESCRIPTOR")
+        repeated = (
+            not isinstance(value, str | bytes)
+            and hasattr(value, "__len__")
+            and not hasattr(value, "DESCRIPTOR")
+        )
         if descriptor.message_type is not None:
             out[descriptor.name] = (
                 [message_to_dict(item) for item in value] if repeated else message_to_dict(value)
@@ -166,6 +202,7 @@ def _bytes(value: float) -> str:
 
 def render_status(status: dict[str, Any]) -> str:
     """The human table of ``locod status``."""
+
     def number(key: str, digits: int = 3) -> str:
         value = status.get(key)
         if isinstance(value, int | float):
@@ -188,15 +225,21 @@ def render_status(status: dict[str, Any]) -> str:
     ]
     lines += [f"  DHT  {addr}" for addr in status.get("dht_addrs", [])]
     if int(status.get("download_total", 0)):
-        lines.append(f"  state download {_bytes(float(status['download_done']))} / "
-                     f"{_bytes(float(status['download_total']))}")
+        lines.append(
+            f"  state download {_bytes(float(status['download_done']))} / "
+            f"{_bytes(float(status['download_total']))}"
+        )
     lines.append(f"  peers ({len(status['peers'])}):")
     for peer in status["peers"]:
-        lines.append(f"    {peer['peer_id']}  {peer['address'] or '(client-only)'}  "
-                     f"step {peer['step']}  {float(peer['tokens_per_s']):,.0f} tok/s")
+        lines.append(
+            f"    {peer['peer_id']}  {peer['address'] or '(client-only)'}  "
+            f"step {peer['step']}  {float(peer['tokens_per_s']):,.0f} tok/s"
+        )
     lines.append("  fragment  round  group  duration  outcome   global hash")
     for fragment in status["fragments"]:
-        lines.append(f"  {fragment['index']:>8}  {fragment['round']:>5}  "
-                     f"{fragment['group_size']:>5}  {float(fragment['duration_s']):>7.2f}s  "
-                     f"{fragment['outcome']:<8}  {fragment['global_hash']}")
+        lines.append(
+            f"  {fragment['index']:>8}  {fragment['round']:>5}  "
+            f"{fragment['group_size']:>5}  {float(fragment['duration_s']):>7.2f}s  "
+            f"{fragment['outcome']:<8}  {fragment['global_hash']}"
+        )
     return "\n".join(lines)

@@ -53,8 +53,9 @@ class OuterConfig:
             raise ValueError(f"overlap (τ) must be 0 or more, got {self.overlap}")
         if self.overlap >= self.inner_steps:
             raise ValueError(
-                f"overlap (τ={self.overlap}) must be smaller than inner_steps (H={self.inner_steps}):"
-                " a fragment's result must arrive before its next round starts"
+                f"overlap (τ={self.overlap}) must be smaller than inner_steps "
+                f"(H={self.inner_steps}): a fragment's result must arrive before its next "
+                "round starts"
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")

@@ -80,8 +80,9 @@ def _walk_folder(folder: Path, suffixes: tuple[str, ...] | None) -> Iterator[Pat
                 yield path
 
 
-def resolve_files(sources: Sequence[str], *, suffixes: tuple[str, ...] | None = None
-                  ) -> list[tuple[Path, str]]:
+def resolve_files(
+    sources: Sequence[str], *, suffixes: tuple[str, ...] | None = None
+) -> list[tuple[Path, str]]:
     """Expand files, folders and globs into (path, key) pairs, key being the split key.
 
     A named file that is binary is an error; binary files met while walking a folder or
@@ -161,8 +162,7 @@ def _pack(files: Sequence[tuple[Path, str]], destination: Path) -> None:
             temp.unlink(missing_ok=True)
 
 
-def load_corpus(sources: Sequence[str] | None = None, *, cache_dir: Path | None = None
-                ) -> Corpus:
+def load_corpus(sources: Sequence[str] | None = None, *, cache_dir: Path | None = None) -> Corpus:
     """Pack (once) and memory-map the corpus named by ``sources`` (default: the stdlib)."""
     is_default = not sources
     names = default_sources() if is_default else list(sources or [])
@@ -173,7 +173,9 @@ def load_corpus(sources: Sequence[str] | None = None, *, cache_dir: Path | None 
         try:
             _pack(files, cache)
         except OSError as error:
-            raise CorpusError(f"cannot write the packed corpus to {cache.parent}: {error}") from error
+            raise CorpusError(
+                f"cannot write the packed corpus to {cache.parent}: {error}"
+            ) from error
     meta = json.loads(meta_path.read_text())
     if meta["train_files"] == 0 or meta["heldout_files"] == 0:
         # Tiny corpora (a file or two) have no held-out file by hash: hold out the tail instead.
@@ -185,8 +187,10 @@ def load_corpus(sources: Sequence[str] | None = None, *, cache_dir: Path | None 
         train, heldout = whole[:cut], whole[cut:]
     else:
         train, heldout = _map(cache.with_suffix(".train")), _map(cache.with_suffix(".heldout"))
-    description = f"Python {sysconfig.get_python_version()} standard library" if is_default else (
-        ", ".join(names)
+    description = (
+        f"Python {sysconfig.get_python_version()} standard library"
+        if is_default
+        else (", ".join(names))
     )
     return Corpus(
         train=train,
@@ -241,8 +245,9 @@ class BatchSampler:
         self.batches_drawn = int(state["batches_drawn"])
 
 
-def heldout_batches(data: np.ndarray, *, batch_size: int, seq_len: int, num_batches: int
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def heldout_batches(
+    data: np.ndarray, *, batch_size: int, seq_len: int, num_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed evaluation batches, evenly spaced over the held-out split: same on every peer."""
     count = batch_size * num_batches
     span = len(data) - seq_len - 1

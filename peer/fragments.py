@@ -67,8 +67,9 @@ def block_fragment(block: int, num_blocks: int, num_fragments: int, layout: str)
     raise ValueError(f"unknown fragment layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
-def partition(model: nn.Module, blocks: Sequence[nn.Module], num_fragments: int,
-              layout: str = "strided") -> list[Fragment]:
+def partition(
+    model: nn.Module, blocks: Sequence[nn.Module], num_fragments: int, layout: str = "strided"
+) -> list[Fragment]:
     """Split ``model``'s parameters into fragments; ``blocks`` are its transformer blocks.
 
     Works for any model: parameters outside ``blocks`` go to fragment 0. Shared (tied)
@@ -112,7 +113,8 @@ def offset(fragment: int, num_fragments: int, inner_steps: int) -> int:
 def fragments_due(step: int, num_fragments: int, inner_steps: int) -> list[int]:
     """Fragments that sync after inner step ``step`` (steps count from 1)."""
     return [
-        p for p in range(num_fragments)
+        p
+        for p in range(num_fragments)
         if step > offset(p, num_fragments, inner_steps)
         and (step - offset(p, num_fragments, inner_steps)) % inner_steps == 0
     ]

@@ -46,7 +46,8 @@ class InnerConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(
-                f"inner optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {self.optimizer!r}"
+                f"inner optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, "
+                f"got {self.optimizer!r}"
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
@@ -139,8 +140,9 @@ class InnerTrainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device) -> float:
+def evaluate(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> float:
     """Mean loss over fixed held-out batches."""
     if not isinstance(model, ByteTransformer):
         raise TypeError("evaluate expects a ByteTransformer")

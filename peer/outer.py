@@ -39,8 +39,15 @@ def weighted_mean(contributions: Sequence[tuple[torch.Tensor, float]]) -> torch.
 
 
 @torch.no_grad()
-def nesterov_step(global_params: torch.Tensor, momentum: torch.Tensor, mean_delta: torch.Tensor,
-                  *, lr: float, momentum_factor: float, nesterov: bool = True) -> None:
+def nesterov_step(
+    global_params: torch.Tensor,
+    momentum: torch.Tensor,
+    mean_delta: torch.Tensor,
+    *,
+    lr: float,
+    momentum_factor: float,
+    nesterov: bool = True,
+) -> None:
     """Outer SGD in place: m ← μ·m + Δ̄; θ_g ← θ_g − lr·(Δ̄ + μ·m) (Nesterov) or − lr·m.
 
     This is torch.optim.SGD's rule (dampening 0) written out, so the update is explicit and
@@ -51,10 +58,7 @@ def nesterov_step(global_params: torch.Tensor, momentum: torch.Tensor, mean_delt
         global_params.sub_(mean_delta, alpha=lr)
         return
     momentum.mul_(momentum_factor).add_(mean_delta)
-    if nesterov:
-        update = mean_delta.add(momentum, alpha=momentum_factor)
-    else:
-        update = momentum
+    update = mean_delta.add(momentum, alpha=momentum_factor) if nesterov else momentum
     global_params.sub_(update, alpha=lr)
 
 

@@ -18,7 +18,7 @@ import copy
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -118,7 +118,7 @@ class SimulationResult:
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +167,9 @@ class InMemoryHub:
             delta = decode(contributions[peer].payload, expected_numel=numel)
             numel = delta.numel()
             decoded.append((delta, contributions[peer].weight))
-        mean_payload = encode(weighted_mean(decoded), self.wire, generator=self._generator(-1, *key))
+        mean_payload = encode(
+            weighted_mean(decoded), self.wire, generator=self._generator(-1, *key)
+        )
         mean = decode(mean_payload)
         share = (self.peers - 1) / self.peers
         for peer in members:
@@ -217,8 +219,9 @@ def _resolve_outer(cfg: SimulationConfig, num_blocks: int) -> OuterConfig:
     return outer
 
 
-def simulate(cfg: SimulationConfig, corpus: Corpus, *,
-             progress: Callable[[str], None] = lambda _line: None) -> SimulationResult:
+def simulate(
+    cfg: SimulationConfig, corpus: Corpus, *, progress: Callable[[str], None] = lambda _line: None
+) -> SimulationResult:
     """Run ``cfg.peers`` peers for ``cfg.steps`` inner steps and measure the result."""
     device = torch.device(cfg.device)
     mcfg = model_config(cfg.model)
@@ -291,8 +294,9 @@ def simulate(cfg: SimulationConfig, corpus: Corpus, *,
 class _DataParallelRun:
     """The baseline: M peers' gradients averaged every step (one model stands for all M)."""
 
-    def __init__(self, cfg: SimulationConfig, samplers: list[BatchSampler],
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: SimulationConfig, samplers: list[BatchSampler], device: torch.device
+    ) -> None:
         self.cfg = cfg
         self.samplers = samplers
         self.trainer = InnerTrainer(
@@ -331,8 +335,9 @@ class _DataParallelRun:
     def eval_model(self) -> ByteTransformer:
         return self.trainer.model
 
-    def replica_losses(self, eval_set: list[tuple[torch.Tensor, torch.Tensor]]
-                       ) -> tuple[float | None, float | None]:
+    def replica_losses(
+        self, eval_set: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[float | None, float | None]:
         return None, None
 
     def bytes_sent_per_peer(self) -> float:
@@ -348,8 +353,9 @@ class _DataParallelRun:
 class _OuterRun:
     """M replicas, each with its own Streaming DiLoCo outer loop, on an in-memory hub."""
 
-    def __init__(self, cfg: SimulationConfig, samplers: list[BatchSampler],
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: SimulationConfig, samplers: list[BatchSampler], device: torch.device
+    ) -> None:
         self.cfg = cfg
         self.samplers = samplers
         mcfg = model_config(cfg.model)
@@ -360,7 +366,9 @@ class _OuterRun:
         for peer in range(cfg.peers):
             trainer = InnerTrainer(build_model(mcfg, seed=cfg.seed), cfg.inner, device=device)
             fragments = partition(
-                trainer.model, list(trainer.model.blocks), self.outer_cfg.fragments,
+                trainer.model,
+                list(trainer.model.blocks),
+                self.outer_cfg.fragments,
                 self.outer_cfg.layout,
             )
             self.trainers.append(trainer)
@@ -369,13 +377,17 @@ class _OuterRun:
         self.num_fragments = self.outer_cfg.fragments
         self._eval_model = copy.deepcopy(self.trainers[0].model)
         self._eval_fragments = partition(
-            self._eval_model, list(self._eval_model.blocks), self.num_fragments,
+            self._eval_model,
+            list(self._eval_model.blocks),
+            self.num_fragments,
             self.outer_cfg.layout,
         )
 
     def step(self, step: int) -> float:
         losses = []
-        for trainer, worker, sampler in zip(self.trainers, self.workers, self.samplers, strict=True):
+        for trainer, worker, sampler in zip(
+            self.trainers, self.workers, self.samplers, strict=True
+        ):
             losses.append(trainer.train_step(*sampler.next()))
             worker.add_tokens(self.cfg.inner.tokens_per_step)
         # Lock step: all peers send before any receives, as if the network were instant.
@@ -405,8 +417,9 @@ class _OuterRun:
             assign_flat(fragment.params, global_params)
         return self._eval_model
 
-    def replica_losses(self, eval_set: list[tuple[torch.Tensor, torch.Tensor]]
-                       ) -> tuple[float | None, float | None]:
+    def replica_losses(
+        self, eval_set: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[float | None, float | None]:
         """Mean loss of the replicas' own θ, and loss of their average (paper Table 3)."""
         device = self.trainers[0].device
         losses = [evaluate(t.model, eval_set, device) for t in self.trainers]

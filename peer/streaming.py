@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,8 +49,9 @@ class _InFlight:
 
 @dataclass(slots=True)
 class RoundRecord:
-    """What happened to the latest round of one fragment, for status and logs."""
+    """What happened to one round of one fragment, for status and logs."""
 
+    fragment: int = 0
     round: int = -1
     applied: bool = False
     group_size: int = 0
@@ -69,14 +71,26 @@ class OuterStats:
     wait_s: float = 0.0
     """Time training spent blocked on the network (invariant I4 reports this)."""
     last: dict[int, RoundRecord] = field(default_factory=dict)
+    history: deque[RoundRecord] = field(default_factory=lambda: deque(maxlen=1000))
+    """The latest rounds of every fragment, oldest first."""
+
+    def record(self, record: RoundRecord) -> None:
+        self.last[record.fragment] = record
+        self.history.append(record)
 
 
 class StreamingDiLoCo:
     """The outer state (θ_g, m per fragment) and the schedule of one peer."""
 
-    def __init__(self, fragments: Sequence[Fragment], cfg: OuterConfig, averager: Averager,
-                 *, clock: Callable[[], float] = time.monotonic,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        fragments: Sequence[Fragment],
+        cfg: OuterConfig,
+        averager: Averager,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         validate_schedule(cfg.inner_steps, len(fragments))
         self.fragments = list(fragments)
         self.cfg = cfg
@@ -209,7 +223,7 @@ class StreamingDiLoCo:
         self.in_flight.pop(p, None)
         # The progress in Δ is still in θ − θ_g; count its tokens again for the next round.
         self.tokens_since[p] += flight.weight
-        self.stats.last[p] = RoundRecord(round=flight.round, outcome=outcome)
+        self.stats.record(RoundRecord(fragment=p, round=flight.round, outcome=outcome))
         self.log(f"fragment {p} round {flight.round} {outcome}: {reason}")
 
     def _apply(self, p: int, flight: _InFlight, result: SyncResult) -> None:
@@ -236,12 +250,15 @@ class StreamingDiLoCo:
         params = self.fragments[p].params
         assign_flat(params, merge(flatten(params), self.global_params[p], self.cfg.alpha))
         self.stats.rounds_applied += 1
-        self.stats.last[p] = RoundRecord(
-            round=flight.round,
-            applied=True,
-            group_size=result.group_size,
-            duration_s=result.duration_s,
-            outcome="applied",
+        self.stats.record(
+            RoundRecord(
+                fragment=p,
+                round=flight.round,
+                applied=True,
+                group_size=result.group_size,
+                duration_s=result.duration_s,
+                outcome="repaired" if result.adopt is not None else "applied",
+            )
         )
 
     def adopt(self, p: int, state: FragmentState) -> None:
@@ -258,8 +275,9 @@ class StreamingDiLoCo:
 
     def mark_round(self, p: int, round_index: int) -> None:
         """Record that fragment p's outer state is as of ``round_index`` (after a download)."""
-        self.stats.last[p] = RoundRecord(round=round_index, applied=round_index >= 0,
-                                         outcome="downloaded")
+        self.stats.last[p] = RoundRecord(
+            fragment=p, round=round_index, applied=round_index >= 0, outcome="downloaded"
+        )
 
     def reset_local_to_global(self) -> None:
         """θ ← θ_g for every fragment (a joiner starts from the downloaded state)."""
@@ -292,4 +310,6 @@ class StreamingDiLoCo:
         rounds = state.get("last_rounds")
         if isinstance(rounds, dict):
             for p, r in rounds.items():
-                self.stats.last[int(p)] = RoundRecord(round=int(r), applied=True, outcome="restored")
+                self.stats.last[int(p)] = RoundRecord(
+                    fragment=int(p), round=int(r), applied=True, outcome="restored"
+                )

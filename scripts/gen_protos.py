@@ -69,12 +69,18 @@ def main() -> int:
         fresh = generate(Path(scratch))
         names = sorted(p.name for p in fresh)
         committed = sorted(p.name for p in OUTPUT.glob("*.py*"))
-        stale = [n for n in names if not filecmp.cmp(Path(scratch) / n, OUTPUT / n, shallow=False)
-                 ] if set(names) <= set(committed) else names
+        stale = (
+            [n for n in names if not filecmp.cmp(Path(scratch) / n, OUTPUT / n, shallow=False)]
+            if set(names) <= set(committed)
+            else names
+        )
         extra = sorted(set(committed) - set(names))
         if stale or extra:
-            print(f"daemon/rpc is out of date: {', '.join(stale + extra)}; "
-                  "run python scripts/gen_protos.py", file=sys.stderr)
+            print(
+                f"daemon/rpc is out of date: {', '.join(stale + extra)}; "
+                "run python scripts/gen_protos.py",
+                file=sys.stderr,
+            )
             return 1
     return 0
 

@@ -18,5 +18,10 @@ def random_text_corpus(size: int = 200_000, seed: int = 0) -> Corpus:
         total += len(word) + 1
     data = np.frombuffer(b"".join(chunks)[:size], dtype=np.uint8)
     cut = size * 9 // 10
-    return Corpus(train=data[:cut], heldout=data[cut:], train_files=1, heldout_files=1,
-                  description="synthetic")
+    return Corpus(
+        train=data[:cut],
+        heldout=data[cut:],
+        train_files=1,
+        heldout_files=1,
+        description="synthetic",
+    )

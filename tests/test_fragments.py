@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -60,8 +62,12 @@ def test_any_model_with_a_list_of_blocks_can_be_fragmented() -> None:
     fragments = partition(model, list(model.layers), 3, "strided")
     ids = [id(p) for f in fragments for p in f.params]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert fragments[1].names == ("layers.0.weight", "layers.0.bias", "layers.2.weight",
-                                  "layers.2.bias")
+    assert fragments[1].names == (
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.2.weight",
+        "layers.2.bias",
+    )
 
 
 def test_too_many_fragments_is_a_clear_error() -> None:
@@ -70,10 +76,12 @@ def test_too_many_fragments_is_a_clear_error() -> None:
         partition(model, list(model.blocks), 6)
 
 
-@pytest.mark.parametrize(("inner_steps", "num_fragments"), [(1, 1), (10, 1), (12, 4), (100, 3),
-                                                            (7, 7), (30, 4)])
-def test_each_fragment_syncs_every_h_steps_at_its_offset(inner_steps: int,
-                                                         num_fragments: int) -> None:
+@pytest.mark.parametrize(
+    ("inner_steps", "num_fragments"), [(1, 1), (10, 1), (12, 4), (100, 3), (7, 7), (30, 4)]
+)
+def test_each_fragment_syncs_every_h_steps_at_its_offset(
+    inner_steps: int, num_fragments: int
+) -> None:
     validate_schedule(inner_steps, num_fragments)
     horizon = 5 * inner_steps + 3
     sends: dict[int, list[int]] = {p: [] for p in range(num_fragments)}
@@ -87,7 +95,7 @@ def test_each_fragment_syncs_every_h_steps_at_its_offset(inner_steps: int,
     assert len(set(offsets)) == num_fragments
     for p, steps in sends.items():
         assert steps[0] == offsets[p] + inner_steps
-        assert all(b - a == inner_steps for a, b in zip(steps, steps[1:], strict=False))
+        assert all(b - a == inner_steps for a, b in itertools.pairwise(steps))
         assert steps == list(range(offsets[p] + inner_steps, horizon + 1, inner_steps))
 
 

@@ -34,8 +34,9 @@ def _samplers(peers: int, inner: InnerConfig) -> list[BatchSampler]:
     ]
 
 
-def _run_streaming(peers: int, steps: int, inner: InnerConfig, outer: OuterConfig
-                   ) -> tuple[list[InnerTrainer], list[StreamingDiLoCo]]:
+def _run_streaming(
+    peers: int, steps: int, inner: InnerConfig, outer: OuterConfig
+) -> tuple[list[InnerTrainer], list[StreamingDiLoCo]]:
     """M peers of the real algorithm code over the in-memory hub, in lock step."""
     samplers = _samplers(peers, inner)
     hub = InMemoryHub(peers, outer.wire, seed=0)
@@ -69,23 +70,33 @@ def test_p1_tau0_alpha0_is_diloco() -> None:
     inner = InnerConfig(batch_size=2, seq_len=16, warmup_steps=2, lr=1e-3)
     # H·batch·seq = 128 tokens: a power-of-two weight keeps the weighted mean exact, so the
     # comparison below can be tight.
-    outer = OuterConfig(inner_steps=4, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7,
-                        outer_momentum=0.9, wire=FP32)
+    outer = OuterConfig(
+        inner_steps=4,
+        fragments=1,
+        overlap=0,
+        alpha=0.0,
+        outer_lr=0.7,
+        outer_momentum=0.9,
+        wire=FP32,
+    )
     peers, steps = 2, 12
     trainers, workers = _run_streaming(peers, steps, inner, outer)
 
     # Reference: DiLoCo as in its paper, with torch's own Nesterov SGD as outer optimizer.
     samplers = _samplers(peers, inner)
-    replicas = [InnerTrainer(build_model(model_config("tiny"), seed=7), inner, device=CPU)
-                for _ in range(peers)]
+    replicas = [
+        InnerTrainer(build_model(model_config("tiny"), seed=7), inner, device=CPU)
+        for _ in range(peers)
+    ]
     global_model: ByteTransformer = copy.deepcopy(replicas[0].model)
     outer_opt = torch.optim.SGD(global_model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     for step in range(1, steps + 1):
         for replica, sampler in zip(replicas, samplers, strict=True):
             replica.train_step(*sampler.next())
         if step % 4 == 0:
-            for g, *locals_ in zip(global_model.parameters(),
-                                   *(r.model.parameters() for r in replicas), strict=True):
+            for g, *locals_ in zip(
+                global_model.parameters(), *(r.model.parameters() for r in replicas), strict=True
+            ):
                 g.grad = torch.stack([g.detach() - p.detach() for p in locals_]).mean(0)
             outer_opt.step()
             for replica in replicas:
@@ -98,10 +109,24 @@ def test_p1_tau0_alpha0_is_diloco() -> None:
 
 
 def test_h1_inner_sgd_outer_lr1_is_data_parallel_sgd() -> None:
-    inner = InnerConfig(optimizer="sgd", lr=0.05, warmup_steps=0, weight_decay=0.0,
-                        grad_clip=0.0, batch_size=2, seq_len=16)
-    outer = OuterConfig(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0,
-                        outer_momentum=0.0, wire=FP32)
+    inner = InnerConfig(
+        optimizer="sgd",
+        lr=0.05,
+        warmup_steps=0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        batch_size=2,
+        seq_len=16,
+    )
+    outer = OuterConfig(
+        inner_steps=1,
+        fragments=1,
+        overlap=0,
+        alpha=0.0,
+        outer_lr=1.0,
+        outer_momentum=0.0,
+        wire=FP32,
+    )
     peers, steps = 3, 5
     trainers, _ = _run_streaming(peers, steps, inner, outer)
 
@@ -123,8 +148,15 @@ def test_h1_inner_sgd_outer_lr1_is_data_parallel_sgd() -> None:
 
 def test_single_peer_tau0_alpha0_outer_lr1_is_local_training() -> None:
     inner = InnerConfig(batch_size=2, seq_len=16, warmup_steps=2, lr=1e-3)
-    outer = OuterConfig(inner_steps=6, fragments=3, overlap=0, alpha=0.0, outer_lr=1.0,
-                        outer_momentum=0.0, wire=FP32)
+    outer = OuterConfig(
+        inner_steps=6,
+        fragments=3,
+        overlap=0,
+        alpha=0.0,
+        outer_lr=1.0,
+        outer_momentum=0.0,
+        wire=FP32,
+    )
     steps = 18
     trainers, workers = _run_streaming(1, steps, inner, outer)
     assert workers[0].stats.rounds_applied == 7  # fragments 0,1,2 sync 3,2,2 times

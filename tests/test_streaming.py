@@ -39,17 +39,25 @@ class ScriptedAverager:
         self.abandoned.append((fragment, round_index))
 
 
-def _worker(averager: ScriptedAverager, **overrides: object) -> tuple[StreamingDiLoCo, nn.Parameter]:
+def _worker(
+    averager: ScriptedAverager, **overrides: object
+) -> tuple[StreamingDiLoCo, nn.Parameter]:
     param = nn.Parameter(torch.tensor([1.0, 2.0]))
     settings: dict[str, object] = {
-        "inner_steps": 4, "fragments": 1, "overlap": 2, "alpha": 0.5, "outer_lr": 1.0,
-        "outer_momentum": 0.0, "wire": WireFormat(codec="fp32", zstd_level=0),
+        "inner_steps": 4,
+        "fragments": 1,
+        "overlap": 2,
+        "alpha": 0.5,
+        "outer_lr": 1.0,
+        "outer_momentum": 0.0,
+        "wire": WireFormat(codec="fp32", zstd_level=0),
         "late_wait_s": 5.0,
     }
     settings.update(overrides)
     cfg = OuterConfig(**settings)  # type: ignore[arg-type]
-    worker = StreamingDiLoCo([Fragment(0, ("w",), (param,))], cfg, averager,
-                             clock=lambda: averager.clock[0])
+    worker = StreamingDiLoCo(
+        [Fragment(0, ("w",), (param,))], cfg, averager, clock=lambda: averager.clock[0]
+    )
     return worker, param
 
 
@@ -82,7 +90,7 @@ def test_result_is_applied_exactly_tau_steps_after_sending() -> None:
 
 def test_late_result_waits_the_bound_then_applies_when_it_comes() -> None:
     averager = ScriptedAverager()
-    worker, param = _worker(averager, late_policy="apply")
+    worker, _ = _worker(averager, late_policy="apply")
     worker.add_tokens(1)
     worker.prepare(4)
     assert worker.perform(6) == []
@@ -146,8 +154,7 @@ def test_adopted_state_replaces_the_outer_state() -> None:
     worker, param = _worker(averager, alpha=0.0)
     worker.add_tokens(1)
     worker.prepare(4)
-    state = FragmentState(global_params=torch.tensor([9.0, 9.0]),
-                          momentum=torch.tensor([1.0, 1.0]))
+    state = FragmentState(global_params=torch.tensor([9.0, 9.0]), momentum=torch.tensor([1.0, 1.0]))
     averager.answers[(0, 0)] = SyncResult(mean=None, group_size=3, adopt=state)
     worker.perform(6)
     assert worker.global_params[0].tolist() == [9.0, 9.0]

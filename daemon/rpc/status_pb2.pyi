@@ -50,8 +50,22 @@ class EvalPoint(_message.Message):
     loss: float
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
+class RoundStatus(_message.Message):
+    __slots__ = ("fragment", "round", "group_size", "duration_s", "outcome")
+    FRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    fragment: int
+    round: int
+    group_size: int
+    duration_s: float
+    outcome: str
+    def __init__(self, fragment: _Optional[int] = ..., round: _Optional[int] = ..., group_size: _Optional[int] = ..., duration_s: _Optional[float] = ..., outcome: _Optional[str] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run", "step", "tokens", "listen", "dht_addrs", "peers", "bytes_sent", "bytes_received", "wait_fraction", "fragments", "tokens_per_s", "train_loss", "eval_loss", "rounds_applied", "rounds_failed", "waited_s", "uptime_s", "client_only", "repairs", "state", "version", "config_hash", "rounds_skipped", "download_done", "download_total", "join_command", "evals", "note")
+    __slots__ = ("peer_id", "run", "step", "tokens", "listen", "dht_addrs", "peers", "bytes_sent", "bytes_received", "wait_fraction", "fragments", "tokens_per_s", "train_loss", "eval_loss", "rounds_applied", "rounds_failed", "waited_s", "uptime_s", "client_only", "repairs", "state", "version", "config_hash", "rounds_skipped", "download_done", "download_total", "join_command", "evals", "note", "rounds")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +95,7 @@ class StatusReply(_message.Message):
     JOIN_COMMAND_FIELD_NUMBER: _ClassVar[int]
     EVALS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run: str
     step: int
@@ -110,4 +125,5 @@ class StatusReply(_message.Message):
     join_command: str
     evals: _containers.RepeatedCompositeFieldContainer[EvalPoint]
     note: str
-    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., listen: _Optional[str] = ..., dht_addrs: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[KnownPeer, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wait_fraction: _Optional[float] = ..., fragments: _Optional[_Iterable[_Union[FragmentStatus, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., rounds_applied: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., waited_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., client_only: _Optional[bool] = ..., repairs: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., config_hash: _Optional[str] = ..., rounds_skipped: _Optional[int] = ..., download_done: _Optional[int] = ..., download_total: _Optional[int] = ..., join_command: _Optional[str] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., note: _Optional[str] = ...) -> None: ...
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
+    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., listen: _Optional[str] = ..., dht_addrs: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[KnownPeer, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wait_fraction: _Optional[float] = ..., fragments: _Optional[_Iterable[_Union[FragmentStatus, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., rounds_applied: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., waited_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., client_only: _Optional[bool] = ..., repairs: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., config_hash: _Optional[str] = ..., rounds_skipped: _Optional[int] = ..., download_done: _Optional[int] = ..., download_total: _Optional[int] = ..., join_command: _Optional[str] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., note: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ...) -> None: ...

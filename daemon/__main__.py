@@ -1,0 +1,5 @@
+"""``python -m daemon`` is ``locod``."""
+
+from daemon.cli import main
+
+main()
