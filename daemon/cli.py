@@ -234,6 +234,28 @@ def status(address: str | None, as_json: bool, state_dir: Path, key: str, timeou
     click.echo(json.dumps(result) if as_json else render_status(result))
 
 
+@locod.command()
+@click.argument("address", default="127.0.0.1:7850")
+@click.option("--timeout", "timeout_s", type=float, default=3.0, show_default=True)
+def health(address: str, timeout_s: float) -> None:
+    """Exit 0 if the daemon at ADDRESS reports SERVING on the standard gRPC health service."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError as error:
+            raise click.ClickException(f"{address}: {error.code().name}") from None
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise click.ClickException(
+            f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        )
+    click.echo(f"{address}: SERVING")
+
+
 def _stderr(line: str) -> None:
     click.echo(line, err=True)
 

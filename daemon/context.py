@@ -57,6 +57,7 @@ class PeerContext:
     step: int = 0
     """This peer's current inner step (written by the training thread)."""
     joined_at: float = field(default_factory=time.time)
+    dht_addrs: list[str] = field(default_factory=list)
     _channels: dict[str, aio.Channel] = field(default_factory=dict)
 
     @property

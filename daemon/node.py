@@ -45,6 +45,7 @@ from daemon.faults import FaultPlan
 from daemon.live import LiveView
 from daemon.matchmaking import GroupRegistry, Matchmaker
 from daemon.network import NetworkThread, start_server
+from daemon.resolve import ResolveError, resolve_joins
 from daemon.rpc import peer_pb2 as pb
 from daemon.rpc import peer_pb2_grpc
 from daemon.service import PeerService
@@ -208,10 +209,14 @@ class Daemon:
         key = load_or_create_key(cfg.state_dir / "identity.der")
         self.board.update(state="joining DHT")
         try:
+            initial_peers = resolve_joins(cfg.join, cfg.connect_timeout_s)
+        except ResolveError as error:
+            raise StartError(str(error)) from error
+        try:
             host_maddrs = [cfg.dht_listen]
             announce = [cfg.dht_announce] if cfg.dht_announce else None
             self.dht, owner = start_dht(
-                initial_peers=list(cfg.join),
+                initial_peers=initial_peers,
                 host_maddrs=host_maddrs,
                 key=key,
                 announce_maddrs=announce,
@@ -258,6 +263,7 @@ class Daemon:
             log=self.log,
             executor=self.executor,
             faults=FaultPlan.parse(cfg.faults),
+            dht_addrs=dht_addrs,
         )
         numels = [f.numel for f in fragments]
         wire = cfg.outer.wire

@@ -47,6 +47,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             protocol=self.ctx.protocol,
             step=self.ctx.step,
             config_hash=self.ctx.config_hash,
+            dht_addrs=self.ctx.dht_addrs,
         )
 
     async def JoinGroup(

@@ -32,20 +32,22 @@ class PingRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., sender: _Optional[str] = ...) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("peer_id", "run", "version", "protocol", "step", "config_hash")
+    __slots__ = ("peer_id", "run", "version", "protocol", "step", "config_hash", "dht_addrs")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    DHT_ADDRS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run: str
     version: str
     protocol: int
     step: int
     config_hash: str
-    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., version: _Optional[str] = ..., protocol: _Optional[int] = ..., step: _Optional[int] = ..., config_hash: _Optional[str] = ...) -> None: ...
+    dht_addrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., version: _Optional[str] = ..., protocol: _Optional[int] = ..., step: _Optional[int] = ..., config_hash: _Optional[str] = ..., dht_addrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("run", "fragment", "round", "member", "protocol", "config_hash")
