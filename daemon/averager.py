@@ -85,7 +85,7 @@ class GrpcAverager:
         me = pb.Member(
             peer_id=self.ctx.peer_id,
             address=self.ctx.address,
-            client_only=self.ctx.cfg.client_only,
+            client_only=self.ctx.client_only,
             weight=request.weight,
             global_hash=request.global_hash,
             step=request.step,

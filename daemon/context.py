@@ -58,6 +58,8 @@ class PeerContext:
     """This peer's current inner step (written by the training thread)."""
     joined_at: float = field(default_factory=time.time)
     dht_addrs: list[str] = field(default_factory=list)
+    client_only: bool = False
+    """True when this peer cannot accept connections (--client-only, or found at start)."""
     _channels: dict[str, aio.Channel] = field(default_factory=dict)
 
     @property

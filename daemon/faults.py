@@ -9,6 +9,9 @@ and hope". Kinds:
 * ``corrupt-send`` — the peer flips bytes in every chunk it sends to other reducers.
 * ``exit-in-round`` — the process dies (``os._exit(137)``, like SIGKILL) after sending the
   first chunk of the round.
+* ``perturb-global`` — after applying the round, the peer adds noise to its copy of the
+  fragment's global parameters (a diverged copy, to be repaired: I3).
+* ``slow-step:seconds=S`` — every inner step takes S seconds longer (a slower machine).
 
 ``round`` may be ``*`` for every round; ``fragment`` likewise.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("stall-send", "corrupt-send", "exit-in-round")
+KINDS = ("stall-send", "corrupt-send", "exit-in-round", "perturb-global", "slow-step")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,7 @@ class Fault:
     kind: str
     fragment: int | None
     round: int | None
+    seconds: float = 0.0
 
     def matches(self, kind: str, fragment: int, round_index: int) -> bool:
         return (
@@ -40,15 +44,22 @@ def parse_fault(text: str) -> Fault:
     if kind not in KINDS:
         raise ValueError(f"unknown fault {kind!r}; kinds: {', '.join(KINDS)}")
     where: dict[str, int | None] = {"fragment": None, "round": None}
+    seconds = 0.0
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
+        if key == "seconds":
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise ValueError(f"fault {text!r}: seconds must be a number") from None
+            continue
         if key not in where:
-            raise ValueError(f"fault {text!r}: unknown field {key!r} (fragment, round)")
+            raise ValueError(f"fault {text!r}: unknown field {key!r} (fragment, round, seconds)")
         try:
             where[key] = None if value == "*" else int(value)
         except ValueError:
             raise ValueError(f"fault {text!r}: {key} must be an integer or *") from None
-    return Fault(kind, where["fragment"], where["round"])
+    return Fault(kind, where["fragment"], where["round"], seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +72,7 @@ class FaultPlan:
 
     def active(self, kind: str, fragment: int, round_index: int) -> bool:
         return any(f.matches(kind, fragment, round_index) for f in self.faults)
+
+    def step_delay_s(self) -> float:
+        """Extra seconds per inner step (``slow-step``)."""
+        return sum(f.seconds for f in self.faults if f.kind == "slow-step")

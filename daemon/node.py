@@ -159,6 +159,7 @@ class Daemon:
         self.view: LiveView | None = None
         self._refresh_task: concurrent.futures.Future[None] | None = None
         self._signals = 0
+        self._told_client_only: set[str] = set()
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -299,21 +300,59 @@ class Daemon:
         self.discovery.publish_config(cfg.run.as_dict())
         self._refresh_task = self.network.submit(self._refresh_loop())
 
+        if cfg.join and not cfg.client_only:
+            self._check_reachable()
         if checkpoint is not None:
             self._restore(checkpoint)
+            if cfg.join:
+                # Back after a restart: the run moved on. Take its current outer state (the
+                # inner optimizer and the data position are kept) before contributing (I5).
+                self._download(required=False)
         elif cfg.join:
             self._download()
+        assert self.view is not None
         self.view.message(
             f"locod: peer {ctx.peer_id} in run {cfg.run_name!r}; gRPC "
-            f"{ctx.address or '(client-only)'}; status: locod status "
-            f"{listen_address}"
-        ) if self.view else None
+            f"{ctx.address or '(client-only)'}; status: locod status {listen_address}"
+        )
         if not cfg.join:
-            self.view.message(
-                f"locod: another site joins this run with:\n  {join_command}"
-            ) if self.view else None
+            self.view.message(f"locod: another site joins this run with:\n  {join_command}")
             print(f"JOIN {join_command}", file=self.out, flush=True)
         self._wait_for_peers()
+
+    def _check_reachable(self) -> None:
+        """Ask a peer to dial us back; if nobody can, take part client-only (behind NAT)."""
+        ctx = self.ctx
+        assert ctx is not None
+        self._refresh_now()
+        others = [r for r in ctx.live_peers() if r.peer_id != ctx.peer_id and r.address]
+        if not others:
+            return
+
+        async def ask(address: str) -> bool:
+            stub = peer_pb2_grpc.PeerStub(ctx.channel(address))
+            request = pb.DialBackRequest(run=self.cfg.run_name, address=ctx.address)
+            try:
+                reply = await stub.DialBack(request, timeout=2 * self.cfg.connect_timeout_s)
+            except Exception:
+                return False
+            return bool(reply.reachable)
+
+        async def ask_some() -> bool:
+            answers = await asyncio.gather(*(ask(r.address) for r in others[:3]))
+            return any(answers)
+
+        if self.network.call(ask_some(), timeout_s=4 * self.cfg.connect_timeout_s + 5):
+            return
+        self.log.warning(
+            "no peer could connect back to %s: taking part client-only (this peer sends and "
+            "receives over connections it opens, and reduces nothing). To be reachable, "
+            "start with --listen HOST:PORT --announce PUBLIC_HOST:PORT and open that port.",
+            ctx.address,
+        )
+        ctx.client_only = True
+        ctx.address = ""
+        self._publish()
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         try:
@@ -379,7 +418,7 @@ class Daemon:
         return PeerRecord(
             peer_id=self.ctx.peer_id,
             address=self.ctx.address,
-            client_only=self.cfg.client_only,
+            client_only=self.ctx.client_only,
             version=self.ctx.version,
             config_hash=self.ctx.config_hash,
             step=self.step,
@@ -402,19 +441,27 @@ class Daemon:
         while True:
             try:
                 await loop.run_in_executor(None, self._publish)
-                peers = await loop.run_in_executor(None, self.discovery.peers)
-                view = {r.peer_id: r for r in peers if r.peer_id not in self.ctx.left}
-                view.setdefault(self.ctx.peer_id, self._record())
-                self.ctx.peers = view
+                await loop.run_in_executor(None, self._refresh_now)
             except Exception as error:
                 self.log.warning("DHT refresh failed: %s", error)
             await asyncio.sleep(REFRESH_S)
 
     def _refresh_now(self) -> None:
+        """Read the run's live peers from the DHT into the shared view."""
         assert self.discovery is not None and self.ctx is not None
         peers = self.discovery.peers()
         view = {r.peer_id: r for r in peers if r.peer_id not in self.ctx.left}
         view.setdefault(self.ctx.peer_id, self._record())
+        for record in view.values():
+            if record.client_only and record.peer_id not in self._told_client_only:
+                self._told_client_only.add(record.peer_id)
+                if record.peer_id != self.ctx.peer_id:
+                    self.log.info(
+                        "peer %s takes part client-only (it cannot accept connections): it "
+                        "contributes but reduces nothing. To make it reachable, start it with "
+                        "--listen HOST:PORT --announce PUBLIC_HOST:PORT and open that port.",
+                        record.peer_id,
+                    )
         self.ctx.peers = view
 
     def _wait_for_peers(self) -> None:
@@ -469,15 +516,24 @@ class Daemon:
         self.tokens = int(checkpoint["tokens"])
         self.log.info("resumed from the checkpoint at step %d", self.step)
 
-    def _download(self) -> None:
-        """A newcomer takes the run's outer state from live peers, then θ ← θ_g."""
+    def _download(self, *, required: bool = True) -> bool:
+        """Take the run's outer state (and step) from live peers, then θ ← θ_g.
+
+        A newcomer must (``required``); a restarted or far-behind peer tries, and keeps what
+        it has if nobody can serve it.
+        """
         assert self.ctx is not None and self.worker is not None
+        previous_state = self.board.state
         self.board.update(state="downloading state")
         self._refresh_now()
         donors = [
             r.address for r in self.ctx.live_peers() if r.peer_id != self.ctx.peer_id and r.address
         ]
         if not donors:
+            if not required:
+                self.log.warning("no peer to take the run's state from; keeping this peer's")
+                self.board.update(state=previous_state)
+                return False
             raise StartError(
                 "no live peer with a reachable address to download the state "
                 "from; is the run still going?"
@@ -488,23 +544,42 @@ class Daemon:
         async def fetch() -> Any:
             task = asyncio.ensure_future(download_state(ctx, donors, progress=progress))
             while not task.done():
-                self.board.update(download_done=progress.done, download_total=progress.total)
+                self.board.update(
+                    download_done=progress.done,
+                    download_total=progress.total,
+                    note=f"{progress.rate / 1e6:.1f} MB/s, {progress.eta_s:.0f}s left"
+                    if progress.total
+                    else "asking donors",
+                )
+                if self.view is not None and self.ctx is not None:
+                    self.view.update(self.board, self.ctx)
                 await asyncio.sleep(0.2)
+            self.board.update(note="")
             return task.result()
 
         try:
             downloaded = self.network.call(fetch(), timeout_s=None)
         except DownloadError as error:
+            if not required:
+                self.log.warning("state download failed (%s); keeping this peer's state", error)
+                self.board.update(state=previous_state)
+                return False
             raise StartError(f"state download failed: {error}") from error
+        before = self.step
         self._adopt_download(downloaded.manifest, downloaded.tensors)
-        self.board.update(download_done=progress.done, download_total=progress.total)
+        self.board.update(
+            download_done=progress.done, download_total=progress.total, state=previous_state
+        )
         self.log.info(
-            "downloaded %d bytes of state from %s in %.1fs; starting at step %d",
+            "downloaded %d bytes of state from %s in %.1fs (%.1f MB/s); step %d → %d",
             progress.done,
             ", ".join(downloaded.donors_used),
             time.monotonic() - progress.started,
+            progress.rate / 1e6,
+            before,
             self.step,
         )
+        return True
 
     def _adopt_download(self, manifest: pb.StateManifest, tensors: dict[str, torch.Tensor]) -> None:
         worker = self.worker
@@ -561,8 +636,11 @@ class Daemon:
         last_checkpoint = time.monotonic()
         training_began = time.monotonic()
         rate_window: list[tuple[float, int]] = []
+        step_delay_s = ctx.faults.step_delay_s()
         loss = float("nan")
         while not self.stop_event.is_set() and not (cfg.max_steps and self.step >= cfg.max_steps):
+            if step_delay_s:
+                time.sleep(step_delay_s)  # fault injection: a slower machine
             inputs, targets = sampler.next()
             loss = trainer.train_step(inputs, targets)
             if not math.isfinite(loss):
@@ -576,7 +654,8 @@ class Daemon:
             ctx.step = self.step
             worker.add_tokens(tokens_per_step)
             worker.prepare(self.step)
-            worker.perform(self.step)
+            for p in worker.perform(self.step):
+                self._maybe_perturb(p)
             now = time.monotonic()
             rate_window = [(t, s) for t, s in rate_window if now - t < 30] + [(now, self.tokens)]
             if self.averager is not None and self.averager.behind_s > 0:
@@ -619,6 +698,14 @@ class Daemon:
             - self.step
             - 1
         )
+        if behind_steps > self.cfg.run.inner_steps:
+            # Far behind: leaping one round at a time would take many late rounds. Take the
+            # run's state and step instead of dragging its rounds.
+            self.log.info(
+                "%.1fs (%d steps) behind the run: taking its current state", behind_s, behind_steps
+            )
+            if self._download(required=False):
+                return
         leap = min(behind_steps, room)
         if leap > 0:
             self.step += leap
@@ -628,6 +715,20 @@ class Daemon:
                 behind_s,
                 self.step,
             )
+
+    def _maybe_perturb(self, fragment: int) -> None:
+        """Fault injection: damage this peer's θ_g[fragment] after a round (tests of I3)."""
+        worker, ctx = self.worker, self.ctx
+        assert worker is not None and ctx is not None
+        record = worker.stats.last.get(fragment)
+        if record is not None and ctx.faults.active("perturb-global", fragment, record.round):
+            self.log.warning(
+                "fault injected: perturbing θ_g of fragment %d after round %d",
+                fragment,
+                record.round,
+            )
+            with worker.lock:
+                worker.global_params[fragment] += 1e-3
 
     def _evaluate(self) -> None:
         worker = self.worker

@@ -73,7 +73,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     async def Reduce(
         self, request_iterator: AsyncIterator[pb.ReduceMessage], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ReduceMessage]:
-        if self.ctx.cfg.client_only:
+        if self.ctx.client_only:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "client-only peer")
         async for message in self.reducer.serve(request_iterator, context):
             yield message

@@ -112,7 +112,7 @@ def build_reply(board: StatusBoard, ctx: PeerContext) -> spb.StatusReply:
             rounds_skipped=board.rounds_skipped,
             waited_s=board.waited_s,
             uptime_s=time.monotonic() - board.started,
-            client_only=ctx.cfg.client_only,
+            client_only=ctx.client_only,
             repairs=board.repairs,
             state=board.state,
             version=ctx.version,
