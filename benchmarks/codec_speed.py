@@ -15,17 +15,19 @@ Two inputs:
   heavy-tailed across rows, and the difference of two float32 weight tensors, as the
   trainer computes it.
 
-Each figure is the median of ``--repeats`` runs after one warm-up run. The table is printed
-and written to docs/benchmarks.md.
+Each figure is the median of ``--repeats`` runs after a warm-up on a small slice. The table
+is printed and written to docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +49,8 @@ CONFIGS = [
     ("fp32", 3, "nearest"),
 ]
 """(codec, zstd level, rounding); the default WireFormat is fp4, zstd 3, nearest."""
+
+T = TypeVar("T")
 
 ROW_SIZE = 4096
 INNER_STEPS = 100
@@ -75,36 +79,41 @@ def outer_gradient(numel: int, seed: int) -> torch.Tensor:
     return theta_g - theta
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: lookup tables, zstd contexts, first-touch of the allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn: Callable[[], T]) -> tuple[float, T]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def measure(x: torch.Tensor, repeats: int, seed: int) -> tuple[float, list[dict[str, object]]]:
     """Time every config on ``x``; returns the copy's median time and one row per config.
 
-    The copy is timed again before each config and the median of all those samples is the
-    baseline, so a machine that gets busier during the run shifts both sides alike.
+    Copy, encode and decode take turns within each repeat, and the copy's baseline is the
+    median over the whole run, so a machine that gets busier or quieter during the run
+    shifts both sides of each ratio alike. Each config is warmed up on a small slice first
+    (lookup tables, zstd contexts).
     """
+    x.clone()
     copy_times: list[float] = []
-    results = []
+    results: list[dict[str, object]] = []
     for codec, level, rounding in CONFIGS:
-        copy_times.append(_median_seconds(x.clone, repeats))
         fmt = WireFormat(codec=codec, zstd_level=level, rounding=rounding)
         gen = torch.Generator().manual_seed(seed)
-        payload = encode(x, fmt, generator=gen)
+        decode(encode(x[: 1 << 16], fmt, generator=gen))
+        encode_times, decode_times = [], []
+        payload = b""
+        for _ in range(repeats):
+            copy_times.append(_timed(x.clone)[0])
+            seconds, payload = _timed(partial(encode, x, fmt, generator=gen))
+            encode_times.append(seconds)
+            decode_times.append(_timed(partial(decode, payload))[0])
         results.append(
             {
                 "codec": codec,
                 "zstd": level,
                 "rounding": rounding,
-                "encode_s": _median_seconds(partial(encode, x, fmt, generator=gen), repeats),
-                "decode_s": _median_seconds(partial(decode, payload), repeats),
+                "encode_s": statistics.median(encode_times),
+                "decode_s": statistics.median(decode_times),
                 "bytes": len(payload),
             }
         )
@@ -180,14 +189,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "normal": torch.randn(args.numel, generator=g),
         "outer grad": outer_gradient(args.numel, args.seed),
     }
+    load_before = os.getloadavg()[0]
     table: list[list[object]] = []
     for name, x in inputs.items():
         copy_s, results = measure(x, args.repeats, args.seed)
         table.extend(_rows(name, args.numel, copy_s, results))
+    load_after = os.getloadavg()[0]
     text = markdown_table(HEADERS, table)
     body = (
         f"{args.numel:,} float32 values ({args.numel * 4 / 1e6:.0f} MB) per tensor, median "
-        f"of {args.repeats} runs, {torch.get_num_threads()} torch threads. MB/s are MB of "
+        f"of {args.repeats} runs, {torch.get_num_threads()} torch threads; 1-minute load "
+        f"average {load_before:.1f} before the run and {load_after:.1f} after it on "
+        f"{os.cpu_count()} cores (above the core count, other processes were competing and "
+        "the many small parallel ops of fp4/int8 suffer most). MB/s are MB of "
         'fp32 input per second; "× copy" is the time as a multiple of `clone()` of the '
         'same tensor in the same run. "zstd: size change" compares with the same format '
         "sent without zstd.\n\n"

@@ -12,6 +12,11 @@ Deadlines: each read of a stream waits at most ``chunk_timeout_s``; a reducer co
 until half the round timeout and then reduces whatever arrived (a member that stalled or
 sent garbage is dropped from that part, and still gets the mean); a member gives up on the
 whole round after ``round_timeout_s``.
+
+A reducer that dies mid-round takes its part with it; every member notices at once (its
+stream breaks) and sends that part to the part's fallback, the next reducer in group
+order, which reduces it among the members left. So a round survives the death of any
+single member (I5).
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class ReduceSession:
     part: int
     numel: int
     collect_until: float
+    fallback_for: str = ""
+    """The failed reducer whose part this session takes over ('' for the primary)."""
     contributions: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
@@ -79,7 +86,7 @@ class ReduceSession:
     finished_at: float = 0.0
 
     def expect(self) -> set[str]:
-        return set(self.group.member_ids())
+        return set(self.group.member_ids()) - {self.fallback_for}
 
     def add(self, sender: str, payload: bytes, weight: float) -> None:
         if sender in self.contributions or sender in self.dropped:
@@ -106,7 +113,7 @@ class Reducer:
         self.wire = wire
         self.groups: dict[str, Group] = {}
         self._registered = asyncio.Condition()
-        self.sessions: dict[tuple[str, int], ReduceSession] = {}
+        self.sessions: dict[tuple[str, int, str], ReduceSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def register(self, group: Group) -> None:
@@ -131,17 +138,23 @@ class Reducer:
                 return None
         return self.groups[group_id]
 
-    def session(self, group: Group, part: int) -> ReduceSession:
-        key = (group.group_id, part)
+    def session(self, group: Group, part: int, fallback_for: str = "") -> ReduceSession:
+        key = (group.group_id, part, fallback_for)
         session = self.sessions.get(key)
         if session is None:
             numel = self.fragment_numels[group.fragment]
             start, end = part_bounds(numel, len(group.reducers), self.wire.block_size)[part]
+            # A fallback only waits for members that noticed the same failure, at about
+            # the same moment: a short collection keeps the round inside its deadline.
+            collect_s = (
+                2 * self.ctx.cfg.chunk_timeout_s if fallback_for else self.ctx.cfg.round_timeout_s
+            ) / 2
             session = ReduceSession(
                 group=group,
                 part=part,
                 numel=end - start,
-                collect_until=time.monotonic() + self.ctx.cfg.round_timeout_s / 2,
+                collect_until=time.monotonic() + collect_s,
+                fallback_for=fallback_for,
             )
             session.result = asyncio.get_running_loop().create_future()
             self.sessions[key] = session
@@ -225,11 +238,12 @@ class Reducer:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown group {header.group_id}")
             return
         reducers = [m.peer_id for m in group.reducers]
-        if (
-            header.part < 0
-            or header.part >= len(reducers)
-            or reducers[header.part] != self.ctx.peer_id
-        ):
+        responsible = (
+            header.fallback_for in reducers and self.ctx.peer_id in reducers
+            if header.fallback_for
+            else 0 <= header.part < len(reducers) and reducers[header.part] == self.ctx.peer_id
+        )
+        if not 0 <= header.part < len(reducers) or not responsible:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"this peer does not reduce part {header.part} of group {group.group_id}",
@@ -240,7 +254,7 @@ class Reducer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{header.sender} is not a member of group {group.group_id}",
             )
-        session = self.session(group, header.part)
+        session = self.session(group, header.part, header.fallback_for)
         if header.payload_bytes > 0:
             await self._collect(session, header, stream)
         elif is_member:
@@ -313,6 +327,9 @@ class Reducer:
         except StopAsyncIteration:
             session.drop(sender, "closed the stream mid-payload")
             return
+        except asyncio.CancelledError:
+            session.drop(sender, "lost the connection mid-payload")
+            raise
         session.add(sender, bytes(buffer), header.weight)
 
 
@@ -403,9 +420,65 @@ async def _one_part(
     numel: int,
     deadline: float,
 ) -> tuple[bytes, int]:
-    """Exchange one part with its reducer (in-process when the reducer is this peer)."""
+    """Exchange one part with its reducer; if that reducer fails, with its fallbacks."""
+    try:
+        return await _exchange(
+            ctx, reducer, group, part, reducer_member, payload, weight, numel, deadline
+        )
+    except _ReducerLost as lost:
+        failure = lost
+    others = [m for m in group.reducers if m.peer_id != reducer_member.peer_id]
+    start = [m.peer_id for m in group.reducers].index(reducer_member.peer_id)
+    ordered = others[start:] + others[:start]  # the next reducers after the failed one
+    for fallback in ordered:
+        if time.monotonic() >= deadline:
+            break
+        ctx.log.info(
+            "round (%d, %d): reducer %s of part %d failed (%s); sending the part to %s",
+            group.fragment,
+            group.round,
+            reducer_member.peer_id,
+            part,
+            failure,
+            fallback.peer_id,
+        )
+        try:
+            return await _exchange(
+                ctx,
+                reducer,
+                group,
+                part,
+                fallback,
+                payload,
+                weight,
+                numel,
+                deadline,
+                fallback_for=reducer_member.peer_id,
+            )
+        except _ReducerLost as lost:
+            failure = lost
+    raise RoundFailed(f"part {part}: its reducer and every fallback failed ({failure})")
+
+
+class _ReducerLost(RoundFailed):
+    """The reducer could not be reached or broke off: the part may go to a fallback."""
+
+
+async def _exchange(
+    ctx: PeerContext,
+    reducer: Reducer,
+    group: Group,
+    part: int,
+    reducer_member: pb.Member,
+    payload: bytes | None,
+    weight: float,
+    numel: int,
+    deadline: float,
+    fallback_for: str = "",
+) -> tuple[bytes, int]:
+    """Send one part to one reducer and read the mean (in-process when it is this peer)."""
     if reducer_member.peer_id == ctx.peer_id:
-        session = reducer.session(group, part)
+        session = reducer.session(group, part, fallback_for)
         if payload is not None:
             session.add(ctx.peer_id, payload, weight)
         else:
@@ -428,6 +501,7 @@ async def _one_part(
         weight=weight if payload else 0.0,
         numel=numel,
         payload_bytes=len(payload) if payload else 0,
+        fallback_for=fallback_for,
     )
     stub = peer_pb2_grpc.PeerStub(ctx.channel(reducer_member.address))
     call = stub.Reduce(timeout=max(0.1, deadline - time.monotonic()))
@@ -440,9 +514,10 @@ async def _one_part(
     except grpc.aio.AioRpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             ctx.suspect(reducer_member.peer_id, "Reduce: UNAVAILABLE")
-        raise RoundFailed(
-            f"part {part} from {reducer_member.peer_id}: {error.code().name} {error.details()}"
-        ) from None
+        message = f"part {part} from {reducer_member.peer_id}: {error.code().name}"
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise RoundFailed(message) from None  # no time left for a fallback
+        raise _ReducerLost(f"{message} {error.details()}") from None
     finally:
         call.cancel()
 
@@ -470,23 +545,29 @@ async def _read_mean(
     ctx: PeerContext, call: aio.StreamStreamCall, numel: int, deadline: float
 ) -> tuple[bytes, int]:
     chunk_timeout = ctx.cfg.chunk_timeout_s
-    first = await asyncio.wait_for(call.read(), max(0.1, deadline - time.monotonic()))
+    try:
+        first = await asyncio.wait_for(call.read(), max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        raise RoundFailed("the reducer did not answer before the round's deadline") from None
     kind = first.WhichOneof("body") if first is not aio.EOF else None
     if kind == "error":
         raise RoundFailed(f"reducer failed: {first.error.message}")
     if kind != "header" or first.header.numel != numel:
-        raise RoundFailed("reducer answered without a valid header")
+        raise _ReducerLost("reducer answered without a valid header")
     expected = first.header.payload_bytes
     if expected > max_payload_bytes(numel):
-        raise RoundFailed(f"reducer announced {expected} bytes, too many")
+        raise _ReducerLost(f"reducer announced {expected} bytes, too many")
     buffer = bytearray()
-    while len(buffer) < expected:
-        message = await asyncio.wait_for(call.read(), chunk_timeout)
-        if message is aio.EOF or message.WhichOneof("body") != "chunk":
-            raise RoundFailed("reducer's answer ended early")
-        buffer.extend(message.chunk)
-        ctx.traffic.bytes_received += len(message.chunk)
-    end = await asyncio.wait_for(call.read(), chunk_timeout)
+    try:
+        while len(buffer) < expected:
+            message = await asyncio.wait_for(call.read(), chunk_timeout)
+            if message is aio.EOF or message.WhichOneof("body") != "chunk":
+                raise _ReducerLost("reducer's answer ended early")
+            buffer.extend(message.chunk)
+            ctx.traffic.bytes_received += len(message.chunk)
+        end = await asyncio.wait_for(call.read(), chunk_timeout)
+    except TimeoutError:
+        raise _ReducerLost(f"reducer stalled for {chunk_timeout:.0f}s mid-answer") from None
     if end is aio.EOF or end.WhichOneof("body") != "end" or len(buffer) != expected:
-        raise RoundFailed("reducer's answer is malformed")
+        raise _ReducerLost("reducer's answer is malformed")
     return bytes(buffer), first.header.contributors

@@ -51,8 +51,9 @@ class PeerContext:
     traffic: Traffic = field(default_factory=Traffic)
     peers: dict[str, PeerRecord] = field(default_factory=dict)
     """Latest view of live peers from the DHT (including this one)."""
-    left: set[str] = field(default_factory=set)
-    """Peers that said they left (out of rounds at once)."""
+    left: dict[str, float] = field(default_factory=dict)
+    """Peers that said they left (out of rounds at once), with when they said it; a peer
+    that comes back with the same id (a restart) is in again once its new record shows."""
     suspected: dict[str, float] = field(default_factory=dict)
     step: int = 0
     """This peer's current inner step (written by the training thread)."""
@@ -109,10 +110,14 @@ class PeerContext:
             (
                 r
                 for r in self.peers.values()
-                if r.peer_id not in self.left and r.peer_id not in self.suspected
+                if not self.has_left(r) and r.peer_id not in self.suspected
             ),
             key=lambda r: (r.joined_at, r.peer_id),
         )
+
+    def has_left(self, record: PeerRecord) -> bool:
+        left_at = self.left.get(record.peer_id)
+        return left_at is not None and record.joined_at <= left_at
 
     def info(self) -> dict[str, Any]:
         return {"peer_id": self.peer_id, "address": self.address, "run": self.cfg.run_name}

@@ -450,7 +450,7 @@ class Daemon:
         """Read the run's live peers from the DHT into the shared view."""
         assert self.discovery is not None and self.ctx is not None
         peers = self.discovery.peers()
-        view = {r.peer_id: r for r in peers if r.peer_id not in self.ctx.left}
+        view = {r.peer_id: r for r in peers if not self.ctx.has_left(r)}
         view.setdefault(self.ctx.peer_id, self._record())
         for record in view.values():
             if record.client_only and record.peer_id not in self._told_client_only:
@@ -749,7 +749,7 @@ class Daemon:
     ) -> None:
         worker = self.worker
         assert worker is not None
-        (t0, k0), (t1, k1) = rate_window[0], rate_window[-1]
+        (t0, k0), (t1, k1) = (rate_window[0], rate_window[-1]) if rate_window else ((0, 0), (0, 0))
         stats = worker.stats
         fragments = []
         for p, fragment in enumerate(worker.fragments):

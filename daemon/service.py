@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -95,8 +96,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     async def Leave(self, request: pb.LeaveNotice, context: aio.ServicerContext) -> pb.Ack:
         await self._check_run(request.run, context)
         if request.peer_id and request.peer_id != self.ctx.peer_id:
-            self.ctx.left.add(request.peer_id)
-            self.ctx.peers.pop(request.peer_id, None)
+            # Remember which incarnation left (its joined_at, in its own clock): the same
+            # peer restarted publishes a newer record and is in again.
+            record = self.ctx.peers.pop(request.peer_id, None)
+            self.ctx.left[request.peer_id] = record.joined_at if record else time.time()
             self.ctx.log.info("peer %s left the run", request.peer_id)
         return pb.Ack()
 

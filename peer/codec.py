@@ -149,15 +149,17 @@ def encode(x: torch.Tensor, fmt: WireFormat, *, generator: torch.Generator | Non
     ``generator`` feeds stochastic rounding. Raises ``ValueError`` for non-finite values
     (a peer must not send them) or a tensor too large for one payload.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    body_len = raw_body_len(fmt.codec, x.numel(), fmt.block_size)
+    if body_len > MAX_BODY_LEN:
+        raise ValueError(
+            f"{x.numel()} values make a {body_len}-byte body, over the {MAX_BODY_LEN}-byte "
+            "limit of one payload; send the tensor in parts"
+        )
     q = quantize(
         x, fmt.codec, block_size=fmt.block_size, rounding=fmt.rounding, generator=generator
     )
-    body_len = raw_body_len(fmt.codec, q.numel, fmt.block_size)
-    if body_len > MAX_BODY_LEN:
-        raise ValueError(
-            f"{q.numel} values make a {body_len}-byte body, over the {MAX_BODY_LEN}-byte "
-            "limit of one payload; send the tensor in parts"
-        )
     # Views of the tensors' memory, not copies: the only copy of the body is the final join.
     parts: list[bytes | memoryview] = [_le_bytes(q.scales)] if q.scales is not None else []
     parts.append(_le_bytes(q.codes))

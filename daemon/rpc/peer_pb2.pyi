@@ -102,7 +102,7 @@ class GroupReply(_message.Message):
     def __init__(self, status: _Optional[_Union[GroupReply.Status, str]] = ..., group_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., redirect_address: _Optional[str] = ..., message: _Optional[str] = ..., majority_hash: _Optional[str] = ..., run_step: _Optional[int] = ..., open_for_s: _Optional[float] = ..., closed_ago_s: _Optional[float] = ...) -> None: ...
 
 class ReduceHeader(_message.Message):
-    __slots__ = ("run", "group_id", "fragment", "round", "part", "sender", "weight", "numel", "payload_bytes", "contributors")
+    __slots__ = ("run", "group_id", "fragment", "round", "part", "sender", "weight", "numel", "payload_bytes", "contributors", "fallback_for")
     RUN_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class ReduceHeader(_message.Message):
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FOR_FIELD_NUMBER: _ClassVar[int]
     run: str
     group_id: str
     fragment: int
@@ -123,7 +124,8 @@ class ReduceHeader(_message.Message):
     numel: int
     payload_bytes: int
     contributors: int
-    def __init__(self, run: _Optional[str] = ..., group_id: _Optional[str] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., part: _Optional[int] = ..., sender: _Optional[str] = ..., weight: _Optional[float] = ..., numel: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., contributors: _Optional[int] = ...) -> None: ...
+    fallback_for: str
+    def __init__(self, run: _Optional[str] = ..., group_id: _Optional[str] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., part: _Optional[int] = ..., sender: _Optional[str] = ..., weight: _Optional[float] = ..., numel: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., contributors: _Optional[int] = ..., fallback_for: _Optional[str] = ...) -> None: ...
 
 class ReduceEnd(_message.Message):
     __slots__ = ()
