@@ -265,6 +265,7 @@ class Daemon:
             executor=self.executor,
             faults=FaultPlan.parse(cfg.faults),
             dht_addrs=dht_addrs,
+            client_only=cfg.client_only,
         )
         numels = [f.numel for f in fragments]
         wire = cfg.outer.wire
@@ -275,7 +276,8 @@ class Daemon:
         self.worker = StreamingDiLoCo(fragments, cfg.outer, _NoAverager(), log=self.log.info)
         from daemon.state_transfer import StateServer
 
-        state_server = StateServer(ctx, self._snapshot)
+        worker = self.worker
+        state_server = StateServer(ctx, self._snapshot, lambda: worker.version)
         service = PeerService(ctx, self.registry, reducer, state_server, cfg.run.fragments)
         status = StatusService(self.board, ctx)
         try:
@@ -497,7 +499,9 @@ class Daemon:
                 for p in range(worker.num_fragments)
             ]
             hashes = [worker.global_hash(p) for p in range(worker.num_fragments)]
+            version = worker.version
         return Snapshot(
+            version=version,
             step=self.step,
             rounds=rounds,
             global_hashes=hashes,
@@ -606,7 +610,10 @@ class Daemon:
         for donor in donors:
             try:
                 got = await download_state(self.ctx, [donor], fragments=[fragment])
-            except DownloadError:
+            except DownloadError as error:
+                self.log.info(
+                    "repair of fragment %d: %s could not serve it: %s", fragment, donor, error
+                )
                 continue
             state = FragmentState(
                 global_params=got.tensors[f"global/{fragment}"],
@@ -622,6 +629,16 @@ class Daemon:
                     "repair of fragment %d: took the post-round state from %s", fragment, donor
                 )
                 return state, True
+            self.log.info(
+                "repair of fragment %d: %s holds %s after round %d, neither the group's %s "
+                "nor round %d",
+                fragment,
+                donor,
+                got.manifest.global_hashes[fragment],
+                got.manifest.rounds[fragment],
+                majority_hash,
+                round_index,
+            )
         return None
 
     # -- training ------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from daemon.rpc import peer_pb2_grpc
 STATE_CHUNK_BYTES = 1024 * 1024
 MAX_CONCURRENT_CHUNKS = 4
 SNAPSHOT_TTL_S = 300.0
-SNAPSHOT_REUSE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -43,6 +42,8 @@ class Snapshot:
     global_hashes: list[str]
     config_json: str
     tensors: dict[str, bytes]
+    version: int = 0
+    """The outer state's version when taken: a snapshot is reused only while it holds."""
     snapshot_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     created: float = field(default_factory=time.monotonic)
 
@@ -62,9 +63,15 @@ def bytes_tensor(data: bytes) -> torch.Tensor:
 class StateServer:
     """The donor's side."""
 
-    def __init__(self, ctx: PeerContext, take_snapshot: Callable[[list[int]], Snapshot]) -> None:
+    def __init__(
+        self,
+        ctx: PeerContext,
+        take_snapshot: Callable[[list[int]], Snapshot],
+        current_version: Callable[[], int],
+    ) -> None:
         self.ctx = ctx
         self.take_snapshot = take_snapshot
+        self.current_version = current_version
         self.snapshots: dict[str, Snapshot] = {}
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_CHUNKS)
         self._lock = asyncio.Lock()
@@ -105,10 +112,14 @@ class StateServer:
         )
 
     def _recent(self, fragments: list[int]) -> Snapshot | None:
+        """A snapshot of the current state that covers ``fragments``, if one was taken.
+
+        A crowd of newcomers shares one snapshot instead of each copying the state.
+        """
         wanted = {f"global/{p}" for p in fragments}
+        version = self.current_version()
         for snapshot in reversed(list(self.snapshots.values())):
-            fresh = time.monotonic() - snapshot.created < SNAPSHOT_REUSE_S
-            if fresh and (not fragments or wanted <= set(snapshot.tensors)):
+            if snapshot.version == version and (not fragments or wanted <= set(snapshot.tensors)):
                 return snapshot
         return None
 

@@ -107,6 +107,8 @@ class StreamingDiLoCo:
         # Held while θ_g or m change, so another thread (a daemon serving its state to a
         # newcomer) can copy a consistent snapshot. Never held while waiting on the network.
         self.lock = threading.RLock()
+        self.version = 0
+        """Counts changes to the outer state: equal versions mean identical θ_g and m."""
 
     @property
     def num_fragments(self) -> int:
@@ -231,6 +233,7 @@ class StreamingDiLoCo:
             raise ValueError("a SyncResult needs a mean or a state to adopt")
         with self.lock:
             self._apply_locked(p, flight, result)
+            self.version += 1
 
     def _apply_locked(self, p: int, flight: _InFlight, result: SyncResult) -> None:
         if result.adopt is not None:
@@ -272,6 +275,7 @@ class StreamingDiLoCo:
         with self.lock:
             self.global_params[p] = state.global_params.to(torch.float32).clone()
             self.momentum[p] = state.momentum.to(torch.float32).clone()
+            self.version += 1
 
     def mark_round(self, p: int, round_index: int) -> None:
         """Record that fragment p's outer state is as of ``round_index`` (after a download)."""

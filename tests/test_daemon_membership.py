@@ -189,7 +189,7 @@ def test_sigterm_during_training_stops_within_ten_seconds(tmp_path: Any) -> None
         code = peer.process.wait(10)
         assert code == 0
         assert "checkpoint at step" in peer.log()
-        restarted = cluster.start("solo", "--eval-every", "0", *SLOW, fresh=False)
+        restarted = cluster.start("solo", "--eval-every", "0", *SLOW, fresh=False, join=False)
         wait_for(lambda: restarted.status()["step"] >= 12, 120, "the restart to resume")
         assert "resumed from the checkpoint" in restarted.log()
     finally:
