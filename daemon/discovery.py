@@ -15,8 +15,11 @@ name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,6 +144,29 @@ def _parse_record(owner: Any, value: Any) -> PeerRecord | None:
     return record
 
 
+def _die_with_parent() -> None:
+    """In a forked child: get SIGKILL when the daemon dies, however it dies.
+
+    hivemind's DHT process ignores SIGTERM and outlives a daemon killed with SIGKILL,
+    keeping its ports; p2pd in turn dies with the DHT process.
+    """
+    import ctypes
+    import signal as _signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(_signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.cache
+def _install_die_with_parent() -> None:
+    """Once per process: every child forked from now on dies with this process."""
+    if sys.platform.startswith("linux"):
+        os.register_at_fork(after_in_child=_die_with_parent)
+
+
 def start_dht(
     *,
     initial_peers: list[str],
@@ -155,6 +181,8 @@ def start_dht(
     """
     import hivemind
     from hivemind.dht.crypto import RSASignatureValidator
+
+    _install_die_with_parent()
 
     validator = RSASignatureValidator(key)
     kwargs: dict[str, Any] = {}

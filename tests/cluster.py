@@ -6,6 +6,7 @@ state-dir files); nothing sleeps and hopes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -151,7 +152,12 @@ class Cluster:
         stderr = self.root / f"{name}.{len(self.peers)}.err"
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         process = subprocess.Popen(
-            args, cwd=ROOT, stdout=stdout.open("wb"), stderr=stderr.open("wb"), env=env
+            args,
+            cwd=ROOT,
+            stdout=stdout.open("wb"),
+            stderr=stderr.open("wb"),
+            env=env,
+            start_new_session=True,
         )
         peer = Peer(name, state_dir, process, stdout, stderr)
         self.peers[name] = peer
@@ -201,6 +207,9 @@ class Cluster:
         for peer in self.peers.values():
             if peer.alive():
                 peer.stop()
+            # Whatever the daemon left behind (its DHT process, p2pd) goes with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(peer.process.pid, signal.SIGKILL)
 
 
 def hashes(status: dict[str, Any]) -> dict[int, tuple[int, str]]:
