@@ -37,7 +37,7 @@ from daemon.matchmaking import Group, RoundFailed
 from daemon.rpc import peer_pb2 as pb
 from daemon.rpc import peer_pb2_grpc
 from peer.codec import CodecError, WireFormat, decode, encode
-from peer.outer import weighted_mean
+from peer.outer import bounded_mean
 
 RESULT_TTL_S = 600.0
 _PAYLOAD_SLACK = 4096
@@ -107,10 +107,17 @@ class ReduceSession:
 class Reducer:
     """This peer's reducer duties: a session per (group, part) it reduces."""
 
-    def __init__(self, ctx: PeerContext, fragment_numels: list[int], wire: WireFormat) -> None:
+    def __init__(
+        self,
+        ctx: PeerContext,
+        fragment_numels: list[int],
+        wire: WireFormat,
+        clip_factor: float = 0.0,
+    ) -> None:
         self.ctx = ctx
         self.fragment_numels = fragment_numels
         self.wire = wire
+        self.clip_factor = clip_factor
         self.groups: dict[str, Group] = {}
         self._registered = asyncio.Condition()
         self.sessions: dict[tuple[str, int, str], ReduceSession] = {}
@@ -189,7 +196,7 @@ class Reducer:
         loop = asyncio.get_running_loop()
         try:
             payload, count, rejected = await loop.run_in_executor(
-                self.ctx.executor, _reduce, ordered, session.numel, self.wire
+                self.ctx.executor, _reduce, ordered, session.numel, self.wire, self.clip_factor
             )
         except RoundFailed as error:
             session.result.set_exception(error)
@@ -334,19 +341,33 @@ class Reducer:
 
 
 def _reduce(
-    ordered: list[tuple[str, bytes, float]], numel: int, wire: WireFormat
+    ordered: list[tuple[str, bytes, float]], numel: int, wire: WireFormat, clip_factor: float
 ) -> tuple[bytes, int, list[tuple[str, str]]]:
-    """Decode, average in member order in fp32, encode once. Runs in the executor."""
+    """Decode, average in member order in fp32 (norms bounded), encode once.
+
+    Runs in the executor. Returns the encoded mean, how many contributions it holds, and
+    (sender, reason) for every contribution rejected.
+    """
     decoded = []
     rejected = []
     for sender, payload, weight in ordered:
         try:
-            decoded.append((decode(payload, expected_numel=numel), weight))
+            decoded.append(
+                (decode(payload, expected_numel=numel, expected_codec=wire.codec), weight)
+            )
         except CodecError as error:
             rejected.append((sender, str(error)))
     if not decoded:
         raise RoundFailed("no valid contribution reached the reducer")
-    return encode(weighted_mean(decoded), wire), len(decoded), rejected
+    mean, scaled = bounded_mean(decoded, clip_factor)
+    if scaled:
+        rejected.append(
+            (
+                "(norm bound)",
+                f"{scaled} contribution(s) scaled down to {clip_factor}× the median norm",
+            )
+        )
+    return encode(mean, wire), len(decoded), rejected
 
 
 async def allreduce(

@@ -269,7 +269,7 @@ class Daemon:
         )
         numels = [f.numel for f in fragments]
         wire = cfg.outer.wire
-        reducer = Reducer(ctx, numels, wire)
+        reducer = Reducer(ctx, numels, wire, cfg.outer.clip_factor)
         self.registry = GroupRegistry(ctx, reducer.register_soon)
         matchmaker = Matchmaker(ctx, self.registry)
         # The worker exists before the server so that state can be served at once.

@@ -103,6 +103,13 @@ ALGORITHM: tuple[Setting, ...] = (
         "apply",
         "After the late wait: apply the result whenever it comes, or skip it.",
     ),
+    Setting(
+        "clip_factor",
+        float,
+        8.0,
+        "A reducer caps each contribution's norm at this "
+        "multiple of the median contribution's (0: off).",
+    ),
     Setting("inner_optimizer", _choice(INNER_OPTIMIZERS), "adamw", "Inner optimizer."),
     Setting("lr", float, 4e-4, "Peak inner learning rate."),
     Setting("warmup_steps", int, 100, "Inner learning-rate warmup steps."),
@@ -268,6 +275,7 @@ def build_algorithm(values: dict[str, Any]) -> tuple[InnerConfig, OuterConfig]:
             wire=wire,
             late_wait_s=values["late_wait_s"],
             late_policy=values["late_policy"],
+            clip_factor=values["clip_factor"],
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from error

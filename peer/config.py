@@ -41,6 +41,8 @@ class OuterConfig:
     """How long training waits for a result that is later than τ steps."""
     late_policy: str = "apply"
     """After waiting ``late_wait_s``: ``apply`` the result whenever it comes, or ``skip`` it."""
+    clip_factor: float = 8.0
+    """A reducer caps each contribution's norm at this multiple of the median (0: off)."""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
@@ -65,6 +67,8 @@ class OuterConfig:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
         if self.late_wait_s < 0:
             raise ValueError(f"late_wait_s must be 0 or more, got {self.late_wait_s}")
+        if self.clip_factor < 0:
+            raise ValueError(f"clip_factor must be 0 (off) or positive, got {self.clip_factor}")
         if self.late_policy not in LATE_POLICIES:
             raise ValueError(
                 f"late_policy must be one of {', '.join(LATE_POLICIES)}, got {self.late_policy!r}"

@@ -38,6 +38,34 @@ def weighted_mean(contributions: Sequence[tuple[torch.Tensor, float]]) -> torch.
     return accumulator.div_(total_weight)
 
 
+def bounded_mean(
+    contributions: Sequence[tuple[torch.Tensor, float]], clip_factor: float
+) -> tuple[torch.Tensor, int]:
+    """Weighted mean with every contribution's L2 norm capped at ``clip_factor`` times the
+    median norm (DESIGN §4: one bad peer's influence on a round is bounded).
+
+    Honest peers' outer gradients have norms of the same order; a contribution far larger
+    than the median (a bug, or an attack in an open run) is scaled down to the cap instead
+    of dominating the mean. ``clip_factor`` 0 disables the cap. Returns the mean and how
+    many contributions were scaled.
+    """
+    if clip_factor <= 0 or len(contributions) < 2:
+        return weighted_mean(contributions), 0
+    norms = [float(torch.linalg.vector_norm(delta.to(torch.float32))) for delta, _ in contributions]
+    ordered = sorted(norms)
+    median = ordered[(len(ordered) - 1) // 2]
+    cap = clip_factor * median
+    bounded = []
+    scaled = 0
+    for (delta, weight), norm in zip(contributions, norms, strict=True):
+        if median > 0 and norm > cap:
+            bounded.append((delta.to(torch.float32) * (cap / norm), weight))
+            scaled += 1
+        else:
+            bounded.append((delta, weight))
+    return weighted_mean(bounded), scaled
+
+
 @torch.no_grad()
 def nesterov_step(
     global_params: torch.Tensor,

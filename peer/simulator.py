@@ -36,7 +36,7 @@ from peer.fragments import (
 )
 from peer.inner import InnerConfig, InnerTrainer, evaluate
 from peer.model import ByteTransformer, build_model, count_parameters, model_config
-from peer.outer import weighted_mean
+from peer.outer import bounded_mean
 from peer.streaming import StreamingDiLoCo
 
 METHODS = ("ddp", "diloco", "streaming")
@@ -131,8 +131,11 @@ class _Contribution:
 class InMemoryHub:
     """The network of a simulation: collects contributions and reduces complete rounds."""
 
-    def __init__(self, peers: int, wire: WireFormat, *, seed: int) -> None:
+    def __init__(
+        self, peers: int, wire: WireFormat, *, seed: int, clip_factor: float = 0.0
+    ) -> None:
         self.peers = peers
+        self.clip_factor = clip_factor
         self.wire = wire
         self.seed = seed
         self._contributions: dict[tuple[int, int], dict[int, _Contribution]] = defaultdict(dict)
@@ -168,7 +171,9 @@ class InMemoryHub:
             numel = delta.numel()
             decoded.append((delta, contributions[peer].weight))
         mean_payload = encode(
-            weighted_mean(decoded), self.wire, generator=self._generator(-1, *key)
+            bounded_mean(decoded, self.clip_factor)[0],
+            self.wire,
+            generator=self._generator(-1, *key),
         )
         mean = decode(mean_payload)
         share = (self.peers - 1) / self.peers
@@ -360,7 +365,9 @@ class _OuterRun:
         self.samplers = samplers
         mcfg = model_config(cfg.model)
         self.outer_cfg = _resolve_outer(cfg, mcfg.n_layers)
-        self.hub = InMemoryHub(cfg.peers, self.outer_cfg.wire, seed=cfg.seed)
+        self.hub = InMemoryHub(
+            cfg.peers, self.outer_cfg.wire, seed=cfg.seed, clip_factor=self.outer_cfg.clip_factor
+        )
         self.trainers: list[InnerTrainer] = []
         self.workers: list[StreamingDiLoCo] = []
         for peer in range(cfg.peers):

@@ -97,7 +97,7 @@ def test_status_cli_prints_json_and_a_table(finished_trio: Cluster) -> None:
 
 
 def test_status_of_an_unreachable_daemon_is_one_clear_line() -> None:
-    out = subprocess.run(
+    out = subprocess.run(  # noqa: PLW1510 - the exit code is what is tested
         [*LOCOD, "status", "127.0.0.1:9", "--timeout", "2"],
         capture_output=True,
         text=True,

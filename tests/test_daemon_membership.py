@@ -97,7 +97,7 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, d
 def test_a_peer_killed_mid_round_does_not_stop_the_round(
     chaos: tuple[Cluster, dict[str, Any]],
 ) -> None:
-    cluster, events = chaos
+    _, events = chaos
     assert events["d_exit"] == 137
     statuses = events["statuses"]
     for name in ("a", "b"):

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.outer import merge, nesterov_step, outer_gradient, tensor_hash, weighted_mean
+from peer.outer import (
+    bounded_mean,
+    merge,
+    nesterov_step,
+    outer_gradient,
+    tensor_hash,
+    weighted_mean,
+)
 
 
 def test_outer_gradient_is_global_minus_local() -> None:
@@ -73,3 +80,17 @@ def test_tensor_hash_sees_every_bit() -> None:
     assert tensor_hash(x) == tensor_hash(y)
     y.view(torch.int32)[1] += 1  # one ulp
     assert tensor_hash(x) != tensor_hash(y)
+
+
+def test_bounded_mean_caps_an_outlier_at_the_median_norm_times_the_factor() -> None:
+    honest = [(torch.tensor([3.0, 4.0]), 1.0), (torch.tensor([0.0, 5.0]), 1.0)]  # norms 5, 5
+    huge = (torch.tensor([300.0, 400.0]), 1.0)  # norm 500
+    mean, scaled = bounded_mean([*honest, huge], clip_factor=2.0)
+    # The outlier is scaled to norm 2·5 = 10: [6, 8]. Mean = ([3,4] + [0,5] + [6,8]) / 3.
+    assert scaled == 1
+    torch.testing.assert_close(mean, torch.tensor([3.0, 17.0 / 3.0]))
+    unbounded, none = bounded_mean([*honest, huge], clip_factor=0.0)
+    assert none == 0
+    torch.testing.assert_close(unbounded, weighted_mean([*honest, huge]))
+    same, zero = bounded_mean(honest, clip_factor=2.0)
+    assert zero == 0 and torch.equal(same, weighted_mean(honest))
