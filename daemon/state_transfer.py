@@ -192,6 +192,8 @@ async def download_state(
     )
     manifests: dict[str, pb.StateManifest] = {}
 
+    refusals: list[str] = []
+
     async def ask(address: str) -> None:
         stub = peer_pb2_grpc.PeerStub(ctx.channel(address))
         try:
@@ -200,10 +202,15 @@ async def download_state(
             )
         except grpc.aio.AioRpcError as error:
             ctx.log.info("donor %s gave no manifest: %s", address, error.code().name)
+            refusals.append(f"{address}: {error.code().name} {error.details() or ''}".strip())
 
     await asyncio.gather(*(ask(a) for a in donors))
     if not manifests:
-        raise DownloadError(f"none of {len(donors)} donor(s) answered with a state manifest")
+        raise DownloadError(
+            f"none of {len(donors)} donor(s) answered with a state manifest ("
+            + "; ".join(refusals)
+            + ")"
+        )
     primary_address = next(a for a in donors if a in manifests)
     primary = manifests[primary_address]
     hashes = {t.name: list(t.chunk_hashes) for t in primary.tensors}

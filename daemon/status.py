@@ -168,6 +168,8 @@ def query_status(
         reply = asyncio.run(ask())
     except grpc.aio.AioRpcError as error:
         detail = error.details() or error.code().name
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise StatusUnavailable(f"the daemon at {address} refused: {detail} (--key)") from None
         raise StatusUnavailable(f"cannot reach a locod daemon at {address}: {detail}") from None
     return message_to_dict(reply)
 
