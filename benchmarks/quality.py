@@ -26,8 +26,10 @@ bytes each peer sent, and each method's loss relative to ddp at the same M. Ever
 evaluates on the same held-out sequences.
 
 The default setting is sized to finish in under 20 minutes on a 2-core CPU: the ``tiny``
-preset (0.25M parameters) for 1200 steps of 32 x 128 bytes (4.9M tokens, about 20 per
-parameter, Chinchilla's compute-optimal ratio), H = 30 (a column of the paper's Table 5).
+preset (0.25M parameters) for 1000 steps of 32 x 128 bytes (4.1M tokens, 17 per parameter,
+close to Chinchilla's compute-optimal 20), H = 30 (a column of the paper's Table 5). One
+100-step run of it takes 14-18 s on a quiet 2-core machine, so the six runs take about 16
+minutes; the ``small`` preset would take about 10x as long.
 ``--quick`` is a ~2-minute smoke check that prints its table but does not write the report.
 """
 
@@ -38,6 +40,8 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from benchmarks.report import markdown_table, write_section
 from peer.codec import WireFormat
@@ -79,37 +83,69 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.quality",
         description="Held-out loss of ddp, DiLoCo and Streaming DiLoCo at equal tokens.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="~2-minute smoke check (200 steps, batch 16, H 20); "
-                             "prints the table, does not write docs/benchmarks.md")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="~2-minute smoke check (200 steps, batch 16, H 20); "
+        "prints the table, does not write docs/benchmarks.md",
+    )
     parser.add_argument("--model", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="inner steps per run (default 1200; 200 with --quick)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="global sequences per step, split over the M peers "
-                             "(default 32; 16 with --quick)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="inner steps per run (default 1000; 200 with --quick)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="global sequences per step, split over the M peers (default 32; 16 with --quick)",
+    )
     parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak inner AdamW lr")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="warmup steps (default: steps / 12); cosine decay to the last step")
-    parser.add_argument("--inner-steps", type=int, default=None,
-                        help="H, inner steps per sync (default 30; 20 with --quick)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warmup steps (default: steps / 12); cosine decay to the last step",
+    )
+    parser.add_argument(
+        "--inner-steps",
+        type=int,
+        default=None,
+        help="H, inner steps per sync (default 30; 20 with --quick)",
+    )
     parser.add_argument("--outer-lr", type=float, default=0.4, help="streaming's outer lr")
-    parser.add_argument("--diloco-outer-lr", type=float, default=0.4,
-                        help="DiLoCo's outer lr (its paper used 0.7; 0.4 keeps the outer "
-                             "optimizer the same as streaming's)")
+    parser.add_argument(
+        "--diloco-outer-lr",
+        type=float,
+        default=0.4,
+        help="DiLoCo's outer lr (its paper used 0.7; 0.4 keeps the outer "
+        "optimizer the same as streaming's)",
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="streaming's merge α")
     parser.add_argument("--overlap", type=int, default=1, help="streaming's τ")
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4], help="values of M")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--eval-seqs", type=int, default=512,
-                        help="held-out sequences per evaluation (same ones for every run)")
+    parser.add_argument(
+        "--eval-seqs",
+        type=int,
+        default=512,
+        help="held-out sequences per evaluation (same ones for every run)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-write", action="store_true",
-                        help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.steps is None:
-        args.steps = 200 if args.quick else 1200
+        args.steps = 200 if args.quick else 1000
     if args.batch is None:
         args.batch = 16 if args.quick else 32
     if args.inner_steps is None:
@@ -141,13 +177,20 @@ def run_config(setting: Setting, method: str, peers: int) -> SimulationConfig:
     elif method == "diloco":
         # P = 1, τ = 0, α = 0 are forced by the simulator for "diloco"; say them anyway.
         outer = OuterConfig(
-            inner_steps=setting.inner_steps, fragments=1, overlap=0, alpha=0.0,
-            outer_lr=setting.diloco_outer_lr, wire=WireFormat(codec="fp32", zstd_level=0),
+            inner_steps=setting.inner_steps,
+            fragments=1,
+            overlap=0,
+            alpha=0.0,
+            outer_lr=setting.diloco_outer_lr,
+            wire=WireFormat(codec="fp32", zstd_level=0),
         )
     else:
         outer = OuterConfig(
-            inner_steps=setting.inner_steps, overlap=setting.overlap, alpha=setting.alpha,
-            outer_lr=setting.outer_lr, wire=WireFormat(codec="fp4", zstd_level=3),
+            inner_steps=setting.inner_steps,
+            overlap=setting.overlap,
+            alpha=setting.alpha,
+            outer_lr=setting.outer_lr,
+            wire=WireFormat(codec="fp4", zstd_level=3),
         )
     return SimulationConfig(
         method=method,
@@ -185,32 +228,45 @@ def describe(method: str, result: SimulationResult) -> str:
     )
 
 
-def tables(setting: Setting, results: dict[tuple[int, str], SimulationResult]
-           ) -> tuple[str, str]:
+def tables(setting: Setting, results: dict[tuple[int, str], SimulationResult]) -> tuple[str, str]:
     """The main table and the eval-curve table, as markdown."""
     rows = []
     for (peers, method), result in results.items():
         ddp = results.get((peers, "ddp"))
         relative = (
-            "—" if ddp is None or method == "ddp"
+            "—"
+            if ddp is None or method == "ddp"
             else f"{100 * (result.eval_loss - ddp.eval_loss) / ddp.eval_loss:+.2f}%"
         )
-        rows.append([
-            peers,
-            describe(method, result),
-            f"{result.eval_loss:.4f}",
-            relative,
-            _fmt_loss(result.eval_loss_replicas),
-            _fmt_loss(result.eval_loss_replica_average),
-            f"{result.train_loss:.4f}",
-            _fmt_bytes(result.bytes_sent_per_peer),
-            _fmt_bytes(result.peak_bytes_per_sync),
-            result.rounds,
-            f"{result.wall_s:.0f}",
-        ])
+        rows.append(
+            [
+                peers,
+                describe(method, result),
+                f"{result.eval_loss:.4f}",
+                relative,
+                _fmt_loss(result.eval_loss_replicas),
+                _fmt_loss(result.eval_loss_replica_average),
+                f"{result.train_loss:.4f}",
+                _fmt_bytes(result.bytes_sent_per_peer),
+                _fmt_bytes(result.peak_bytes_per_sync),
+                result.rounds,
+                f"{result.wall_s:.0f}",
+            ]
+        )
     main = markdown_table(
-        ["M", "method", "eval loss (θ_g)", "vs ddp", "replicas' mean", "replicas averaged",
-         "train loss (last step)", "bytes/peer", "peak/sync", "rounds", "wall s"],
+        [
+            "M",
+            "method",
+            "eval loss (θ_g)",
+            "vs ddp",
+            "replicas' mean",
+            "replicas averaged",
+            "train loss (last step)",
+            "bytes/peer",
+            "peak/sync",
+            "rounds",
+            "wall s",
+        ],
         rows,
     )
     checkpoints = sorted({step for r in results.values() for step, _ in r.eval_curve})
@@ -238,7 +294,7 @@ def caption(setting: Setting, corpus: Corpus, parameters: int) -> str:
         f"α = {setting.alpha:g}, outer Nesterov lr {setting.outer_lr:g}. Eval loss is nats "
         f"per byte on the same {setting.eval_seqs} held-out sequences for every run, taken "
         f"with θ_g after a final sync of every fragment (for ddp, its one model); "
-        f"\"replicas' mean\" is the mean loss of the M replicas' own θ, \"replicas averaged\" "
+        f'"replicas\' mean" is the mean loss of the M replicas\' own θ, "replicas averaged" '
         f"the loss of their parameter average (paper Table 3). Bytes count each synchronized "
         f"tensor as (M−1)/M of the peer's encoded contribution plus (M−1)/M of the encoded "
         f"mean, as the simulator does."
@@ -248,10 +304,19 @@ def caption(setting: Setting, corpus: Corpus, parameters: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setting = Setting(
-        model=args.model, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
-        lr=args.lr, warmup=args.warmup, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
-        diloco_outer_lr=args.diloco_outer_lr, alpha=args.alpha, overlap=args.overlap,
-        eval_seqs=args.eval_seqs, seed=args.seed,
+        model=args.model,
+        steps=args.steps,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup=args.warmup,
+        inner_steps=args.inner_steps,
+        outer_lr=args.outer_lr,
+        diloco_outer_lr=args.diloco_outer_lr,
+        alpha=args.alpha,
+        overlap=args.overlap,
+        eval_seqs=args.eval_seqs,
+        seed=args.seed,
     )
     corpus = load_corpus()
     started = time.perf_counter()
@@ -260,12 +325,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         for method in args.methods:
             cfg = run_config(setting, method, peers)
             result = simulate(
-                cfg, corpus, progress=lambda line, m=peers: print(f"  M={m} {line}",
-                                                                 file=sys.stderr, flush=True)
+                cfg,
+                corpus,
+                progress=lambda line, m=peers: print(
+                    f"  M={m} {line}", file=sys.stderr, flush=True
+                ),
             )
             results[(peers, method)] = result
-            print(f"M={peers} {method}: eval {result.eval_loss:.4f} in {result.wall_s:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"M={peers} {method}: eval {result.eval_loss:.4f} in {result.wall_s:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     total = time.perf_counter() - started
     main_table, curve_table = tables(setting, results)
     parameters = next(iter(results.values())).parameters
@@ -276,8 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(body)
     if not (args.quick or args.no_write):
-        write_section("quality", "Quality: ddp vs DiLoCo vs Streaming DiLoCo at equal tokens",
-                      body)
+        write_section("quality", "Quality: ddp vs DiLoCo vs Streaming DiLoCo at equal tokens", body)
 
 
 if __name__ == "__main__":

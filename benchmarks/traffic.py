@@ -157,8 +157,17 @@ class Measured:
         return (sum(self.own[3]) + sum(self.mean[3])) / (sum(self.own[0]) + sum(self.mean[0]))
 
 
-def measure(preset: str, *, steps: int, batch: int, seq_len: int, peers: int, seed: int,
-            warmup: int, corpus: Corpus) -> Measured:
+def measure(
+    preset: str,
+    *,
+    steps: int,
+    batch: int,
+    seq_len: int,
+    peers: int,
+    seed: int,
+    warmup: int,
+    corpus: Corpus,
+) -> Measured:
     """Train ``peers`` replicas for ``steps`` from one init; encode their real Δ per fragment.
 
     Replicas are trained one after the other (only one model and its optimizer in memory
@@ -177,15 +186,24 @@ def measure(preset: str, *, steps: int, batch: int, seq_len: int, peers: int, se
         if not global_params:
             global_params = [flatten(f.params) for f in fragments]
         trainer = InnerTrainer(model, inner, device=torch.device("cpu"))
-        sampler = BatchSampler(corpus.train, batch_size=batch, seq_len=seq_len,
-                               seed=seed * 1_000_003 + peer + 1)
+        sampler = BatchSampler(
+            corpus.train, batch_size=batch, seq_len=seq_len, seed=seed * 1_000_003 + peer + 1
+        )
         for step in range(1, steps + 1):
             loss = trainer.train_step(*sampler.next())
             if step in (1, steps) or step % max(1, steps // 4) == 0:
-                print(f"  {preset} replica {peer} step {step}/{steps} loss {loss:.3f} "
-                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-        deltas.append([outer_gradient(g, flatten(f.params))
-                       for g, f in zip(global_params, fragments, strict=True)])
+                print(
+                    f"  {preset} replica {peer} step {step}/{steps} loss {loss:.3f} "
+                    f"({time.perf_counter() - started:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        deltas.append(
+            [
+                outer_gradient(g, flatten(f.params))
+                for g, f in zip(global_params, fragments, strict=True)
+            ]
+        )
         del trainer, model, fragments
     result = Measured(preset, steps, batch, seq_len, [g.numel() for g in global_params])
     result.train_s = time.perf_counter() - started
@@ -217,8 +235,13 @@ class Row:
     source: str
 
 
-def rows_for(preset: str, numels: list[int], args: argparse.Namespace,
-             measured: Measured | None, zstd_ratio: float | None) -> list[Row]:
+def rows_for(
+    preset: str,
+    numels: list[int],
+    args: argparse.Namespace,
+    measured: Measured | None,
+    zstd_ratio: float | None,
+) -> list[Row]:
     """Bytes per peer over ``args.steps`` steps, and the peak of one sync, for each method."""
     m, n, h = args.peers, args.steps, args.inner_steps
     share = (m - 1) / m
@@ -229,22 +252,30 @@ def rows_for(preset: str, numels: list[int], args: argparse.Namespace,
         rows.append(Row(name, n * per_step, per_step, "exact"))
     diloco_sync = 2 * share * fp32_payload_bytes(params)
     diloco_syncs = syncs_per_fragment(n, h, 1)[0]
-    rows.append(Row(f"DiLoCo fp32 (P=1, H={h})", diloco_syncs * diloco_sync, diloco_sync,
-                    "exact"))
+    rows.append(Row(f"DiLoCo fp32 (P=1, H={h})", diloco_syncs * diloco_sync, diloco_sync, "exact"))
     syncs = syncs_per_fragment(n, h, len(numels))
     fp4 = [2 * share * fp4_payload_bytes(k) for k in numels]
     label = f"Streaming fp4 (P={len(numels)}, H={h}, τ=1)"
-    rows.append(Row(label, sum(c * b for c, b in zip(syncs, fp4, strict=True)), max(fp4),
-                    "exact"))
+    rows.append(Row(label, sum(c * b for c, b in zip(syncs, fp4, strict=True)), max(fp4), "exact"))
     if measured is not None:
         z = measured.per_sync(3, m)
-        rows.append(Row(label.replace("fp4", "fp4 + zstd 3"),
-                        sum(c * b for c, b in zip(syncs, z, strict=True)), max(z),
-                        f"measured: real Δ over {measured.steps} steps"))
+        rows.append(
+            Row(
+                label.replace("fp4", "fp4 + zstd 3"),
+                sum(c * b for c, b in zip(syncs, z, strict=True)),
+                max(z),
+                f"measured: real Δ over {measured.steps} steps",
+            )
+        )
     elif zstd_ratio is not None:
-        rows.append(Row(label.replace("fp4", "fp4 + zstd 3"),
-                        zstd_ratio * rows[-1].total, zstd_ratio * rows[-1].peak,
-                        "**estimate**: fp4 exact x zstd ratio measured on base"))
+        rows.append(
+            Row(
+                label.replace("fp4", "fp4 + zstd 3"),
+                zstd_ratio * rows[-1].total,
+                zstd_ratio * rows[-1].peak,
+                "**estimate**: fp4 exact x zstd ratio measured on base",
+            )
+        )
     return rows
 
 
@@ -276,10 +307,21 @@ def render(preset: str, numels: list[int], rows: list[Row]) -> str:
         f"{', '.join(f'{k:,}' for k in numels)} values (fragment 0: embeddings, final norm, "
         f"head)."
     )
-    return head + "\n\n" + markdown_table(
-        ["method", "bytes/peer", "fewer than ddp fp32", "fewer than ddp bf16",
-         "peak bytes/sync", "DiLoCo peak / this peak", "how"],
-        table,
+    return (
+        head
+        + "\n\n"
+        + markdown_table(
+            [
+                "method",
+                "bytes/peer",
+                "fewer than ddp fp32",
+                "fewer than ddp bf16",
+                "peak bytes/sync",
+                "DiLoCo peak / this peak",
+                "how",
+            ],
+            table,
+        )
     )
 
 
@@ -301,12 +343,19 @@ def cross_check(args: argparse.Namespace, corpus: Corpus) -> str:
     ]
     for method, wire, row in cases:
         cfg = SimulationConfig(
-            method=method, peers=m, steps=steps, model="tiny", eval_batches=1, inner=inner,
+            method=method,
+            peers=m,
+            steps=steps,
+            model="tiny",
+            eval_batches=1,
+            inner=inner,
             outer=OuterConfig(inner_steps=h, wire=wire),
         )
         result = simulate(cfg, corpus)
-        if (abs(result.bytes_sent_per_peer - row.total) > 1e-6 * row.total
-                or abs(result.peak_bytes_per_sync - row.peak) > 1e-6 * row.peak):
+        if (
+            abs(result.bytes_sent_per_peer - row.total) > 1e-6 * row.total
+            or abs(result.peak_bytes_per_sync - row.peak) > 1e-6 * row.peak
+        ):
             raise AssertionError(
                 f"{row.method}: simulate() counted {result.bytes_sent_per_peer} bytes "
                 f"(peak {result.peak_bytes_per_sync}), this script {row.total} ({row.peak})"
@@ -322,28 +371,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.traffic",
         description="Bytes per peer of ddp, DiLoCo and Streaming DiLoCo, zstd measured on "
-                    "real outer gradients.",
+        "real outer gradients.",
     )
     parser.add_argument("--steps", type=int, default=1000, help="N: inner steps counted")
     parser.add_argument("--peers", type=int, default=2, help="M: peers")
     parser.add_argument("--inner-steps", type=int, default=100, help="H")
-    parser.add_argument("--small-steps", type=int, default=None,
-                        help="inner steps the small preset's real Δ covers (default: H)")
+    parser.add_argument(
+        "--small-steps",
+        type=int,
+        default=None,
+        help="inner steps the small preset's real Δ covers (default: H)",
+    )
     parser.add_argument("--small-batch", type=int, default=8, help="small: sequences per step")
-    parser.add_argument("--base-steps", type=int, default=10,
-                        help="inner steps the base preset's real Δ covers")
+    parser.add_argument(
+        "--base-steps", type=int, default=10, help="inner steps the base preset's real Δ covers"
+    )
     parser.add_argument("--base-batch", type=int, default=2, help="base: sequences per step")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="inner warmup steps for the measured runs (default: a tenth of the "
-                             "run, so Δ reflects steps at close to the full lr 4e-4)")
-    parser.add_argument("--check-h", type=int, default=12,
-                        help="H of the simulate() cross-check on tiny")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="inner warmup steps for the measured runs (default: a tenth of the "
+        "run, so Δ reflects steps at close to the full lr 4e-4)",
+    )
+    parser.add_argument(
+        "--check-h", type=int, default=12, help="H of the simulate() cross-check on tiny"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-base", action="store_true",
-                        help="do not train base (1b's zstd is then estimated from small)")
-    parser.add_argument("--no-write", action="store_true",
-                        help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument(
+        "--skip-base",
+        action="store_true",
+        help="do not train base (1b's zstd is then estimated from small)",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone"
+    )
     args = parser.parse_args(argv)
     if args.small_steps is None:
         args.small_steps = args.inner_steps
@@ -362,14 +425,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     def warmup(steps: int) -> int:
         return args.warmup if args.warmup is not None else max(1, steps // 10)
 
-    small = measure("small", steps=args.small_steps, batch=args.small_batch,
-                    seq_len=args.seq_len, peers=args.peers, seed=args.seed,
-                    warmup=warmup(args.small_steps), corpus=corpus)
+    small = measure(
+        "small",
+        steps=args.small_steps,
+        batch=args.small_batch,
+        seq_len=args.seq_len,
+        peers=args.peers,
+        seed=args.seed,
+        warmup=warmup(args.small_steps),
+        corpus=corpus,
+    )
     base = None
     if not args.skip_base:
-        base = measure("base", steps=args.base_steps, batch=args.base_batch,
-                       seq_len=args.seq_len, peers=args.peers, seed=args.seed,
-                       warmup=warmup(args.base_steps), corpus=corpus)
+        base = measure(
+            "base",
+            steps=args.base_steps,
+            batch=args.base_batch,
+            seq_len=args.seq_len,
+            peers=args.peers,
+            seed=args.seed,
+            warmup=warmup(args.base_steps),
+            corpus=corpus,
+        )
     source = base or small
     ratio = source.ratio()
     sections = []
@@ -377,8 +454,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         numels = fragment_numels(preset)
         if measured is not None and measured.numels != numels:
             raise AssertionError(f"{preset}: fragments differ between model and meta model")
-        rows = rows_for(preset, numels, args, measured,
-                        ratio if measured is None and preset == "1b" else None)
+        rows = rows_for(
+            preset, numels, args, measured, ratio if measured is None and preset == "1b" else None
+        )
         sections.append(render(preset, numels, rows))
     measured_lines = []
     for m in (small, base):
@@ -407,18 +485,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"each fragment every H = {h} steps ({syncs[0]} rounds per fragment in {n} steps, "
         f"the last of the offset fragments being the simulator's final sync), FP4 E3M0 with "
         f"one fp32 scale per 64 values (4.5 bits a value) and a 26-byte header per payload. "
-        f"τ does not change the bytes. \"Peak bytes/sync\" is what one peer sends for one "
+        f'τ does not change the bytes. "Peak bytes/sync" is what one peer sends for one '
         f"sync: a step's gradient for ddp, the whole model for DiLoCo, one fragment (the "
         f"largest) for Streaming.\n\n"
         + "\n\n".join(sections)
-        + "\n\nReal outer gradients (zstd ratios):\n\n" + "\n".join(measured_lines)
-        + "\n\nChecks: " + " ".join(notes)
+        + "\n\nReal outer gradients (zstd ratios):\n\n"
+        + "\n".join(measured_lines)
+        + "\n\nChecks: "
+        + " ".join(notes)
         + f"\n\nTotal wall time: {total / 60:.1f} min."
     )
     print(body)
     if not args.no_write:
-        write_section("traffic", "Traffic: bytes per peer, ddp vs DiLoCo vs Streaming DiLoCo",
-                      body)
+        write_section("traffic", "Traffic: bytes per peer, ddp vs DiLoCo vs Streaming DiLoCo", body)
 
 
 if __name__ == "__main__":
