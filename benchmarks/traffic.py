@@ -160,24 +160,26 @@ class Measured:
 def measure(
     preset: str,
     *,
-    steps: int,
+    snapshots: Sequence[int],
     batch: int,
     seq_len: int,
     peers: int,
     seed: int,
     warmup: int,
     corpus: Corpus,
-) -> Measured:
-    """Train ``peers`` replicas for ``steps`` from one init; encode their real Δ per fragment.
+) -> list[Measured]:
+    """Train ``peers`` replicas from one init; encode their real Δ per fragment.
 
-    Replicas are trained one after the other (only one model and its optimizer in memory
-    at a time), each on the data stream the simulator would give it.
+    Δ = θ_g − θ is taken after each of ``snapshots`` inner steps (θ_g the shared init), so
+    one run shows how zstd's gain changes with the number of steps Δ covers. Replicas are
+    trained one after the other (one model and its optimizer in memory at a time), each on
+    the data stream the simulator would give it.
     """
     cfg = model_config(preset)
+    steps = max(snapshots)
     inner = InnerConfig(batch_size=batch, seq_len=seq_len, warmup_steps=warmup)
     num_fragments = auto_fragment_count(cfg.n_layers)
-    deltas: list[list[torch.Tensor]] = []
-    weight = float(steps * inner.tokens_per_step)
+    deltas: dict[int, list[list[torch.Tensor]]] = {k: [] for k in snapshots}
     started = time.perf_counter()
     global_params: list[torch.Tensor] = []
     for peer in range(peers):
@@ -198,30 +200,39 @@ def measure(
                     file=sys.stderr,
                     flush=True,
                 )
-        deltas.append(
-            [
-                outer_gradient(g, flatten(f.params))
-                for g, f in zip(global_params, fragments, strict=True)
-            ]
-        )
+            if step in deltas:
+                deltas[step].append(
+                    [
+                        outer_gradient(g, flatten(f.params))
+                        for g, f in zip(global_params, fragments, strict=True)
+                    ]
+                )
         del trainer, model, fragments
-    result = Measured(preset, steps, batch, seq_len, [g.numel() for g in global_params])
-    result.train_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for fmt in (FP4, FP4_ZSTD):
-        own, mean = [], []
-        for p in range(num_fragments):
-            payloads = [encode(d[p], fmt) for d in deltas]
-            decoded = [(decode(payload), weight) for payload in payloads]
-            own.append(len(payloads[0]))
-            mean.append(len(encode(weighted_mean(decoded), fmt)))
-        result.own[fmt.zstd_level], result.mean[fmt.zstd_level] = own, mean
-    result.encode_s = time.perf_counter() - started
-    for p, numel in enumerate(result.numels):
-        exact = fp4_payload_bytes(numel)
-        if result.own[0][p] != exact or result.mean[0][p] != exact:
-            raise AssertionError(f"{preset} fragment {p}: fp4 payload is not {exact} bytes")
-    return result
+    train_s = time.perf_counter() - started
+    results = []
+    for snapshot in sorted(deltas):
+        result = Measured(preset, snapshot, batch, seq_len, [g.numel() for g in global_params])
+        result.train_s = train_s
+        weight = float(snapshot * inner.tokens_per_step)
+        started = time.perf_counter()
+        for fmt in (FP4, FP4_ZSTD):
+            own, mean = [], []
+            for p in range(num_fragments):
+                # As the simulator's hub: encode each contribution, decode, average in fp32,
+                # encode the mean once.
+                payloads = [encode(d[p], fmt) for d in deltas[snapshot]]
+                decoded = [(decode(payload), weight) for payload in payloads]
+                own.append(len(payloads[0]))
+                mean.append(len(encode(weighted_mean(decoded), fmt)))
+            result.own[fmt.zstd_level], result.mean[fmt.zstd_level] = own, mean
+        result.encode_s = time.perf_counter() - started
+        for p, numel in enumerate(result.numels):
+            exact = fp4_payload_bytes(numel)
+            if result.own[0][p] != exact or result.mean[0][p] != exact:
+                raise AssertionError(f"{preset} fragment {p}: fp4 payload is not {exact} bytes")
+        results.append(result)
+    del deltas
+    return results
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -233,6 +244,8 @@ class Row:
     total: float
     peak: float
     source: str
+    values: float
+    """Values synchronized in the whole run (for bits per value on the wire)."""
 
 
 def rows_for(
@@ -240,7 +253,7 @@ def rows_for(
     numels: list[int],
     args: argparse.Namespace,
     measured: Measured | None,
-    zstd_ratio: float | None,
+    estimate_from: Measured | None = None,
 ) -> list[Row]:
     """Bytes per peer over ``args.steps`` steps, and the peak of one sync, for each method."""
     m, n, h = args.peers, args.steps, args.inner_steps
@@ -249,14 +262,25 @@ def rows_for(
     rows = []
     for name, width in (("ddp fp32", 4), ("ddp bf16", 2)):
         per_step = 2 * share * width * params
-        rows.append(Row(name, n * per_step, per_step, "exact"))
+        rows.append(Row(name, n * per_step, per_step, "exact", n * params))
     diloco_sync = 2 * share * fp32_payload_bytes(params)
     diloco_syncs = syncs_per_fragment(n, h, 1)[0]
-    rows.append(Row(f"DiLoCo fp32 (P=1, H={h})", diloco_syncs * diloco_sync, diloco_sync, "exact"))
+    rows.append(
+        Row(
+            f"DiLoCo fp32 (P=1, H={h})",
+            diloco_syncs * diloco_sync,
+            diloco_sync,
+            "exact",
+            diloco_syncs * params,
+        )
+    )
     syncs = syncs_per_fragment(n, h, len(numels))
     fp4 = [2 * share * fp4_payload_bytes(k) for k in numels]
     label = f"Streaming fp4 (P={len(numels)}, H={h}, τ=1)"
-    rows.append(Row(label, sum(c * b for c, b in zip(syncs, fp4, strict=True)), max(fp4), "exact"))
+    values = sum(c * k for c, k in zip(syncs, numels, strict=True))
+    rows.append(
+        Row(label, sum(c * b for c, b in zip(syncs, fp4, strict=True)), max(fp4), "exact", values)
+    )
     if measured is not None:
         z = measured.per_sync(3, m)
         rows.append(
@@ -265,15 +289,19 @@ def rows_for(
                 sum(c * b for c, b in zip(syncs, z, strict=True)),
                 max(z),
                 f"measured: real Δ over {measured.steps} steps",
+                values,
             )
         )
-    elif zstd_ratio is not None:
+    elif estimate_from is not None:
+        ratio = estimate_from.ratio()
         rows.append(
             Row(
                 label.replace("fp4", "fp4 + zstd 3"),
-                zstd_ratio * rows[-1].total,
-                zstd_ratio * rows[-1].peak,
-                "**estimate**: fp4 exact x zstd ratio measured on base",
+                ratio * rows[-1].total,
+                ratio * rows[-1].peak,
+                f"**estimate**: fp4 exact x zstd ratio {ratio:.3f} measured on "
+                f"{estimate_from.preset}'s real Δ",
+                values,
             )
         )
     return rows
@@ -286,12 +314,14 @@ def _fmt_bytes(value: float) -> str:
     return f"{value:,.0f} B"
 
 
-def render(preset: str, numels: list[int], rows: list[Row]) -> str:
+def render(preset: str, numels: list[int], rows: list[Row], peers: int) -> str:
     ddp32, ddp16 = rows[0].total, rows[1].total
     diloco_peak = rows[2].peak
+    share = 2 * (peers - 1) / peers
     table = [
         [
             r.method,
+            f"{8 * r.total / (share * r.values):.2f}",
             _fmt_bytes(r.total),
             f"{ddp32 / r.total:,.1f}x",
             f"{ddp16 / r.total:,.1f}x",
@@ -303,9 +333,9 @@ def render(preset: str, numels: list[int], rows: list[Row]) -> str:
     ]
     params = sum(numels)
     head = (
-        f"**{preset}** — {params:,} parameters; {len(numels)} fragments of "
-        f"{', '.join(f'{k:,}' for k in numels)} values (fragment 0: embeddings, final norm, "
-        f"head)."
+        f"**{preset}** — {params:,} parameters; {len(numels)} fragments: fragment 0 "
+        f"(embeddings, final norm, head) {numels[0]:,} values, fragments 1–{len(numels) - 1} "
+        f"{' / '.join(sorted({f'{k:,}' for k in numels[1:]}))} values each."
     )
     return (
         head
@@ -313,6 +343,7 @@ def render(preset: str, numels: list[int], rows: list[Row]) -> str:
         + markdown_table(
             [
                 "method",
+                "bits/value",
                 "bytes/peer",
                 "fewer than ddp fp32",
                 "fewer than ddp bf16",
@@ -384,7 +415,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--small-batch", type=int, default=8, help="small: sequences per step")
     parser.add_argument(
-        "--base-steps", type=int, default=10, help="inner steps the base preset's real Δ covers"
+        "--base-steps", type=int, default=40, help="inner steps the base preset's real Δ covers"
     )
     parser.add_argument("--base-batch", type=int, default=2, help="base: sequences per step")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -425,9 +456,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     def warmup(steps: int) -> int:
         return args.warmup if args.warmup is not None else max(1, steps // 10)
 
-    small = measure(
+    # Extra snapshots of small show how zstd's gain depends on the steps Δ covers, which is
+    # what 1b's estimate (from base's shorter Δ) has to be read against.
+    snapshots = sorted(
+        {k for k in (10, 25, args.base_steps) if k < args.small_steps} | {args.small_steps}
+    )
+    small_runs = measure(
         "small",
-        steps=args.small_steps,
+        snapshots=snapshots,
         batch=args.small_batch,
         seq_len=args.seq_len,
         peers=args.peers,
@@ -435,39 +471,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         warmup=warmup(args.small_steps),
         corpus=corpus,
     )
+    small = small_runs[-1]
     base = None
     if not args.skip_base:
         base = measure(
             "base",
-            steps=args.base_steps,
+            snapshots=[args.base_steps],
             batch=args.base_batch,
             seq_len=args.seq_len,
             peers=args.peers,
             seed=args.seed,
             warmup=warmup(args.base_steps),
             corpus=corpus,
-        )
-    source = base or small
-    ratio = source.ratio()
+        )[0]
     sections = []
     for preset, measured in (("small", small), ("base", base), ("1b", None)):
         numels = fragment_numels(preset)
         if measured is not None and measured.numels != numels:
             raise AssertionError(f"{preset}: fragments differ between model and meta model")
-        rows = rows_for(
-            preset, numels, args, measured, ratio if measured is None and preset == "1b" else None
-        )
-        sections.append(render(preset, numels, rows))
+        estimate_from = (base or small) if preset == "1b" else None
+        rows = rows_for(preset, numels, args, measured, estimate_from)
+        sections.append(render(preset, numels, rows, args.peers))
     measured_lines = []
-    for m in (small, base):
+    for m in [*small_runs, base]:
         if m is None:
             continue
         measured_lines.append(
-            f"- `{m.preset}`: Δ after {m.steps} inner steps of {m.batch} x {m.seq_len} bytes "
-            f"per replica (AdamW lr 4e-4, warmup {warmup(m.steps)}), {args.peers} replicas from "
-            f"one init; zstd 3 / zstd 0 = {m.ratio():.3f} (zstd saves "
-            f"{100 * (1 - m.ratio()):.1f}%); per fragment (peer 0's contribution / mean), "
-            f"zstd 3 / zstd 0: "
+            f"- `{m.preset}`, Δ over {m.steps} inner steps ({m.batch} x {m.seq_len} bytes per "
+            f"step per replica, AdamW lr 4e-4, warmup "
+            f"{warmup(args.small_steps if m.preset == 'small' else m.steps)}, {args.peers} "
+            f"replicas from one init): zstd 3 / zstd 0 = **{m.ratio():.3f}** (zstd saves "
+            f"{100 * (1 - m.ratio()):.1f}%); per fragment, peer 0's contribution / the mean: "
             + ", ".join(
                 f"{o3 / o0:.3f} / {m3 / m0:.3f}"
                 for o3, o0, m3, m0 in zip(m.own[3], m.own[0], m.mean[3], m.mean[0], strict=True)

@@ -12,6 +12,8 @@ and hope". Kinds:
 * ``perturb-global`` — after applying the round, the peer adds noise to its copy of the
   fragment's global parameters (a diverged copy, to be repaired: I3).
 * ``slow-step:seconds=S`` — every inner step takes S seconds longer (a slower machine).
+* ``exit-serving:chunks=N`` — the process dies right after serving its N-th state chunk
+  (a donor lost mid-download).
 
 ``round`` may be ``*`` for every round; ``fragment`` likewise.
 """
@@ -20,7 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("stall-send", "corrupt-send", "exit-in-round", "perturb-global", "slow-step")
+KINDS = (
+    "stall-send",
+    "corrupt-send",
+    "exit-in-round",
+    "perturb-global",
+    "slow-step",
+    "exit-serving",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +38,7 @@ class Fault:
     fragment: int | None
     round: int | None
     seconds: float = 0.0
+    chunks: int | None = None
 
     def matches(self, kind: str, fragment: int, round_index: int) -> bool:
         return (
@@ -45,13 +55,15 @@ def parse_fault(text: str) -> Fault:
         raise ValueError(f"unknown fault {kind!r}; kinds: {', '.join(KINDS)}")
     where: dict[str, int | None] = {"fragment": None, "round": None}
     seconds = 0.0
+    chunks: int | None = None
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key == "seconds":
+        if key in ("seconds", "chunks"):
             try:
-                seconds = float(value)
+                seconds = float(value) if key == "seconds" else seconds
+                chunks = int(value) if key == "chunks" else chunks
             except ValueError:
-                raise ValueError(f"fault {text!r}: seconds must be a number") from None
+                raise ValueError(f"fault {text!r}: {key} must be a number") from None
             continue
         if key not in where:
             raise ValueError(f"fault {text!r}: unknown field {key!r} (fragment, round, seconds)")
@@ -59,7 +71,7 @@ def parse_fault(text: str) -> Fault:
             where[key] = None if value == "*" else int(value)
         except ValueError:
             raise ValueError(f"fault {text!r}: {key} must be an integer or *") from None
-    return Fault(kind, where["fragment"], where["round"], seconds)
+    return Fault(kind, where["fragment"], where["round"], seconds, chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +84,11 @@ class FaultPlan:
 
     def active(self, kind: str, fragment: int, round_index: int) -> bool:
         return any(f.matches(kind, fragment, round_index) for f in self.faults)
+
+    def exit_after_chunks(self) -> int | None:
+        """Serve this many state chunks, then die at the next request (``exit-serving``)."""
+        counts = [f.chunks for f in self.faults if f.kind == "exit-serving"]
+        return min((c or 0 for c in counts), default=None)
 
     def step_delay_s(self) -> float:
         """Extra seconds per inner step (``slow-step``)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -76,6 +77,7 @@ class StateServer:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_CHUNKS)
         self._lock = asyncio.Lock()
         self.bytes_served = 0
+        self.chunks_served = 0
 
     async def manifest(self, request: pb.StateManifestRequest) -> pb.StateManifest:
         fragments = sorted(set(request.fragments))
@@ -148,7 +150,12 @@ class StateServer:
         async with self._slots:
             piece = data[start : start + STATE_CHUNK_BYTES]
             self.bytes_served += len(piece)
+            self.chunks_served += 1
             self.ctx.traffic.bytes_sent += len(piece)
+            limit = self.ctx.faults.exit_after_chunks()
+            if limit is not None and self.chunks_served > limit:
+                self.ctx.log.error("fault injected: exiting while serving state")
+                os._exit(137)
             return pb.StateChunk(data=piece)
 
 

@@ -109,6 +109,31 @@ def test_status_of_an_unreachable_daemon_is_one_clear_line() -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_a_joiner_contradicting_the_run_config_is_refused_naming_each_setting(
+    finished_trio: Cluster, tmp_path: Path
+) -> None:
+    args = [
+        *LOCOD,
+        "start",
+        *finished_trio.common,
+        "--state-dir",
+        str(tmp_path / "x"),
+        "--cache-dir",
+        str(finished_trio.root / "cache"),
+        "--join",
+        finished_trio.peers["a"].address(),
+        "--inner-steps",
+        "16",
+        "--alpha",
+        "0.3",
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode != 0
+    assert "inner_steps: this peer has 16, the run has 8" in out.stderr
+    assert "alpha: this peer has 0.3, the run has 0.5" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_sigterm_stops_every_daemon_cleanly_and_promptly(finished_trio: Cluster) -> None:
     for name in ("c", "b", "a"):
         code, seconds = finished_trio.peers[name].stop()
