@@ -49,10 +49,17 @@ from daemon.resolve import ResolveError, resolve_joins
 from daemon.rpc import peer_pb2 as pb
 from daemon.rpc import peer_pb2_grpc
 from daemon.service import PeerService
-from daemon.state_transfer import DownloadError, Progress, Snapshot, download_state, tensor_bytes
+from daemon.state_transfer import (
+    DownloadError,
+    Progress,
+    Snapshot,
+    StateServer,
+    download_state,
+    tensor_bytes,
+)
 from daemon.status import FragmentFigures, StatusBoard, StatusService
 from peer.averaging import FragmentState
-from peer.data import BatchSampler, CorpusError, heldout_batches, load_corpus
+from peer.data import BatchSampler, Corpus, CorpusError, heldout_batches, load_corpus
 from peer.fragments import assign_flat, next_sync_step, partition
 from peer.inner import InnerTrainer, evaluate
 from peer.model import ByteTransformer, build_model, model_config
@@ -197,6 +204,27 @@ class Daemon:
     # -- start-up ------------------------------------------------------------------------
 
     def _start(self) -> None:
+        corpus, device = self._load_corpus()
+        dht_addrs = self._start_dht()
+        checkpoint = self._read_checkpoint()
+        self.cfg = self._settle_run_config(checkpoint)
+        self._build_training(corpus, device)
+        listen_address = self._start_network(dht_addrs)
+        self._settle_state(checkpoint)
+        ctx, cfg, view = self.ctx, self.cfg, self.view
+        assert ctx is not None and view is not None
+        local = listen_address.replace("0.0.0.0:", "127.0.0.1:")
+        view.message(
+            f"locod: peer {ctx.peer_id} in run {cfg.run_name!r}; gRPC "
+            f"{ctx.address or '(client-only)'}; status: locod status {local}"
+        )
+        if not cfg.join:
+            join_command = self.board.join_command
+            view.message(f"locod: another site joins this run with:\n  {join_command}")
+            print(f"JOIN {join_command}", file=self.out, flush=True)
+        self._wait_for_peers()
+
+    def _load_corpus(self) -> tuple[Corpus, torch.device]:
         cfg = self.cfg
         try:
             corpus = load_corpus(cfg.data or None, cache_dir=cfg.cache_dir)
@@ -206,7 +234,11 @@ class Daemon:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise StartError(f"--device {cfg.device}: CUDA is not available on this machine")
+        return corpus, device
 
+    def _start_dht(self) -> list[str]:
+        """Start (or join) the DHT; returns the multiaddrs others can --join."""
+        cfg = self.cfg
         key = load_or_create_key(cfg.state_dir / "identity.der")
         self.board.update(state="joining DHT")
         try:
@@ -214,35 +246,35 @@ class Daemon:
         except ResolveError as error:
             raise StartError(str(error)) from error
         try:
-            host_maddrs = [cfg.dht_listen]
-            announce = [cfg.dht_announce] if cfg.dht_announce else None
             self.dht, owner = start_dht(
                 initial_peers=initial_peers,
-                host_maddrs=host_maddrs,
+                host_maddrs=[cfg.dht_listen],
                 key=key,
-                announce_maddrs=announce,
+                announce_maddrs=[cfg.dht_announce] if cfg.dht_announce else None,
             )
-        except Exception as error:
+        except Exception as error:  # hivemind raises many kinds; the message is what counts
             raise StartError(
                 f"cannot start the DHT on {cfg.dht_listen}"
                 + (f" joining {', '.join(cfg.join)}" if cfg.join else "")
                 + f": {error}"
             ) from error
         self.discovery = Discovery(self.dht, cfg.run_name, owner)
-        dht_addrs = [str(a) for a in self.dht.get_visible_maddrs()]
+        return [str(a) for a in self.dht.get_visible_maddrs()]
 
-        checkpoint = self._read_checkpoint()
-        self.cfg = cfg = self._settle_run_config(checkpoint)
-
-        mcfg = model_config(cfg.run.model)
-        model = build_model(mcfg, seed=cfg.run.seed)
+    def _build_training(self, corpus: Corpus, device: torch.device) -> None:
+        """Model, optimizer, fragments, data stream, outer state, evaluation copy."""
+        cfg = self.cfg
+        assert self.discovery is not None
+        model = build_model(model_config(cfg.run.model), seed=cfg.run.seed)
         self.trainer = InnerTrainer(model, cfg.inner, device=device)
         fragments = partition(model, list(model.blocks), cfg.run.fragments, cfg.run.layout)
-        peer_seed = int(self.discovery.peer_id[:8], 16)
+        # Every peer samples its own stream: the seed mixes in its identity.
         self.sampler = BatchSampler(
-            corpus.train, batch_size=cfg.inner.batch_size, seq_len=cfg.inner.seq_len, seed=peer_seed
+            corpus.train,
+            batch_size=cfg.inner.batch_size,
+            seq_len=cfg.inner.seq_len,
+            seed=int(self.discovery.peer_id[:8], 16),
         )
-        self.corpus = corpus
         self.eval_set = heldout_batches(
             corpus.heldout,
             batch_size=cfg.inner.batch_size,
@@ -253,11 +285,17 @@ class Daemon:
         self.eval_fragments = partition(
             self.eval_model, list(self.eval_model.blocks), cfg.run.fragments, cfg.run.layout
         )
+        # The averager comes with the network; the state can be served before that.
+        self.worker = StreamingDiLoCo(fragments, cfg.outer, _NoAverager(), log=self.log.info)
 
+    def _start_network(self, dht_addrs: list[str]) -> str:
+        """The network thread, the gRPC server, the averager, our DHT record."""
+        cfg, worker, discovery = self.cfg, self.worker, self.discovery
+        assert worker is not None and discovery is not None
         self.network.start()
         self.ctx = ctx = PeerContext(
             cfg=cfg,
-            peer_id=self.discovery.peer_id,
+            peer_id=discovery.peer_id,
             address="",
             config_hash=cfg.run.hash,
             version=package_version(),
@@ -267,16 +305,9 @@ class Daemon:
             dht_addrs=dht_addrs,
             client_only=cfg.client_only,
         )
-        numels = [f.numel for f in fragments]
         wire = cfg.outer.wire
-        reducer = Reducer(ctx, numels, wire, cfg.outer.clip_factor)
+        reducer = Reducer(ctx, [f.numel for f in worker.fragments], wire, cfg.outer.clip_factor)
         self.registry = GroupRegistry(ctx, reducer.register_soon)
-        matchmaker = Matchmaker(ctx, self.registry)
-        # The worker exists before the server so that state can be served at once.
-        self.worker = StreamingDiLoCo(fragments, cfg.outer, _NoAverager(), log=self.log.info)
-        from daemon.state_transfer import StateServer
-
-        worker = self.worker
         state_server = StateServer(ctx, self._snapshot, lambda: worker.version)
         service = PeerService(ctx, self.registry, reducer, state_server, cfg.run.fragments)
         status = StatusService(self.board, ctx)
@@ -291,17 +322,24 @@ class Daemon:
             ctx.address = f"{outward_host() if host in ('0.0.0.0', '::', '') else host}:{port}"
         listen_address = f"{host}:{port}"
         self.averager = GrpcAverager(
-            ctx, self.network.loop, matchmaker, reducer, wire, repair=self._repair
+            ctx,
+            self.network.loop,
+            Matchmaker(ctx, self.registry),
+            reducer,
+            wire,
+            repair=self._repair,
         )
-        self.worker.averager = self.averager
-
-        join_command = self._join_command(dht_addrs)
-        self.board.update(dht_addrs=dht_addrs, join_command=join_command)
+        worker.averager = self.averager
+        self.board.update(dht_addrs=dht_addrs, join_command=self._join_command(dht_addrs))
         self._write_info(listen_address, dht_addrs)
         self._publish(first=True)
-        self.discovery.publish_config(cfg.run.as_dict())
+        discovery.publish_config(cfg.run.as_dict())
         self._refresh_task = self.network.submit(self._refresh_loop())
+        return listen_address
 
+    def _settle_state(self, checkpoint: dict[str, Any] | None) -> None:
+        """Where training starts: the checkpoint, the run's current state, or scratch."""
+        cfg = self.cfg
         if cfg.join and not cfg.client_only:
             self._check_reachable()
         if checkpoint is not None:
@@ -312,15 +350,6 @@ class Daemon:
                 self._download(required=False)
         elif cfg.join:
             self._download()
-        assert self.view is not None
-        self.view.message(
-            f"locod: peer {ctx.peer_id} in run {cfg.run_name!r}; gRPC "
-            f"{ctx.address or '(client-only)'}; status: locod status {listen_address}"
-        )
-        if not cfg.join:
-            self.view.message(f"locod: another site joins this run with:\n  {join_command}")
-            print(f"JOIN {join_command}", file=self.out, flush=True)
-        self._wait_for_peers()
 
     def _check_reachable(self) -> None:
         """Ask a peer to dial us back; if nobody can, take part client-only (behind NAT)."""

@@ -62,18 +62,23 @@ def _default(setting: Setting) -> str:
 
 
 def _flag(setting: Setting) -> str:
-    return f"`{setting.flag}` / `--no-{setting.flag[2:]}`" if setting.is_flag else \
-        f"`{setting.flag}`"
+    return (
+        f"`{setting.flag}` / `--no-{setting.flag[2:]}`" if setting.is_flag else f"`{setting.flag}`"
+    )
 
 
 def _table(settings: tuple[Setting, ...]) -> str:
-    rows = ["| flag | env | TOML key | type | default | scope | meaning |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| flag | env | TOML key | type | default | scope | meaning |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in settings:
         if s.hidden:
             continue
-        rows.append(f"| {_flag(s)} | `{s.envvar}` | `{s.name}` | {_type_name(s)} | "
-                    f"{_default(s)} | {s.scope} | {s.help} |")
+        rows.append(
+            f"| {_flag(s)} | `{s.envvar}` | `{s.name}` | {_type_name(s)} | "
+            f"{_default(s)} | {s.scope} | {s.help} |"
+        )
     return "\n".join(rows)
 
 
@@ -99,8 +104,10 @@ def main() -> int:
     text = render()
     if options.check:
         if not TARGET.exists() or TARGET.read_text() != text:
-            print("docs/configuration.md is out of date: run python scripts/gen_config_docs.py",
-                  file=sys.stderr)
+            print(
+                "docs/configuration.md is out of date: run python scripts/gen_config_docs.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     TARGET.parent.mkdir(exist_ok=True)
