@@ -200,3 +200,42 @@ def test_sigterm_during_training_stops_within_ten_seconds(tmp_path: Any) -> None
         assert "resumed from the checkpoint" in restarted.log()
     finally:
         cluster.stop_all()
+
+
+def test_peers_of_different_speeds_stay_in_one_run(tmp_path: Any) -> None:
+    """A peer eight times slower than the others: its rounds weigh by the tokens it
+    trained, the fast peers wait for it at most the matchmaking window per round, and the
+    run stays consistent."""
+    window = 3.0
+    cluster = Cluster(tmp_path)
+    common = [
+        "--max-steps",
+        "96",
+        "--linger",
+        "--eval-every",
+        "0",
+        "--min-peers",
+        "3",
+        "--matchmaking-window",
+        str(window),
+    ]
+    try:
+        cluster.start("fast1", *common, "--fault", "slow-step:seconds=0.02")
+        cluster.start("fast2", *common, "--fault", "slow-step:seconds=0.02")
+        cluster.start("slow", *common, "--fault", "slow-step:seconds=0.16")
+        statuses = cluster.wait_all(_finished, 300, "all three to finish")
+        reference = hashes(statuses["fast1"])
+        for name, status in statuses.items():
+            assert hashes(status) == reference, f"{name} diverged"
+        for name in ("fast1", "fast2"):
+            status = statuses[name]
+            # Every wait for a result is bounded by the window plus a round's own work.
+            longest = max(r["duration_s"] for r in status["rounds"])
+            assert longest <= window + 5, (name, longest)
+            assert status["rounds_failed"] == 0, status["rounds"]
+        # The slow peer stays within the window, so it is in every group: the fast peers
+        # slow down to its pace (they waited on the network) instead of leaving it behind.
+        assert all(r["group_size"] == 3 for r in statuses["fast1"]["rounds"])
+        assert statuses["fast1"]["waited_s"] > statuses["slow"]["waited_s"]
+    finally:
+        cluster.stop_all()
