@@ -416,16 +416,16 @@ async def allreduce(
         await asyncio.gather(*tasks, return_exceptions=True)
     parts = await asyncio.gather(
         *(
-            loop.run_in_executor(ctx.executor, _decode_part, payload, b - a)
+            loop.run_in_executor(ctx.executor, _decode_part, payload, b - a, wire.codec)
             for (payload, _), (a, b) in zip(results, bounds, strict=True)
         )
     )
     return torch.cat(parts) if parts else torch.zeros(0), min(c for _, c in results)
 
 
-def _decode_part(payload: bytes, numel: int) -> torch.Tensor:
+def _decode_part(payload: bytes, numel: int, codec: str) -> torch.Tensor:
     try:
-        return decode(payload, expected_numel=numel)
+        return decode(payload, expected_numel=numel, expected_codec=codec)
     except CodecError as error:
         raise RoundFailed(f"the mean of a part did not decode: {error}") from error
 
