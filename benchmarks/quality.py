@@ -16,9 +16,12 @@ total (each of M peers trains on ``batch / M`` sequences per step, as the paper'
 fixed-token-budget comparison of M = 2 and M = 4 does):
 
 * ``ddp`` — gradients averaged every step in fp32 (one model stands for all M);
-* ``diloco`` — P = 1, τ = 0, α = 0, fp32 wire, outer Nesterov (lr ``--diloco-outer-lr``);
+* ``diloco`` — P = 1, τ = 0, α = 0, fp32 wire, outer Nesterov lr 0.7 (DiLoCo's paper);
 * ``streaming`` — P fragments (auto: the embeddings' and one per ~3 blocks), FP4 wire with
-  zstd, τ = 1, α = 0.5, outer Nesterov lr 0.4.
+  zstd, τ = 1, α = 0.5, outer Nesterov lr 0.4 (Streaming DiLoCo's paper and our default).
+
+Each method keeps its own paper's outer lr, so neither is tuned to this benchmark; the
+report's analysis shows what the other choice gives (``--outer-lr``, ``--diloco-outer-lr``).
 
 It reports the held-out loss of the outer parameters θ_g (what the papers evaluate), the
 paper's Table 3 columns (the replicas' own mean loss and the loss of their average),
@@ -28,14 +31,16 @@ evaluates on the same held-out sequences.
 The default setting is sized to finish in under 20 minutes on a 2-core CPU: the ``tiny``
 preset (0.25M parameters) for 1000 steps of 32 x 128 bytes (4.1M tokens, 17 per parameter,
 close to Chinchilla's compute-optimal 20), H = 30 (a column of the paper's Table 5). One
-100-step run of it takes 14-18 s on a quiet 2-core machine, so the six runs take about 16
-minutes; the ``small`` preset would take about 10x as long.
+such run takes 2-2.5 minutes on a quiet 2-core machine (M = 4 a little more), so the six
+take about 15 minutes; the ``small`` preset (20x the parameters) would take about 10x as
+long. The machine's speed varies with what else runs on it: read the wall-time column.
 ``--quick`` is a ~2-minute smoke check that prints its table but does not write the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -116,13 +121,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="H, inner steps per sync (default 30; 20 with --quick)",
     )
-    parser.add_argument("--outer-lr", type=float, default=0.4, help="streaming's outer lr")
+    parser.add_argument(
+        "--outer-lr", type=float, default=0.4, help="streaming's outer lr (0.4, its paper's)"
+    )
     parser.add_argument(
         "--diloco-outer-lr",
         type=float,
-        default=0.4,
-        help="DiLoCo's outer lr (its paper used 0.7; 0.4 keeps the outer "
-        "optimizer the same as streaming's)",
+        default=0.7,
+        help="DiLoCo's outer lr (0.7, its paper's; Streaming DiLoCo's is 0.4)",
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="streaming's merge α")
     parser.add_argument("--overlap", type=int, default=1, help="streaming's τ")
@@ -301,6 +307,10 @@ def caption(setting: Setting, corpus: Corpus, parameters: int) -> str:
     )
 
 
+def _progress(peers: int, line: str) -> None:
+    print(f"  M={peers} {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setting = Setting(
@@ -324,13 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for peers in args.peers:
         for method in args.methods:
             cfg = run_config(setting, method, peers)
-            result = simulate(
-                cfg,
-                corpus,
-                progress=lambda line, m=peers: print(
-                    f"  M={m} {line}", file=sys.stderr, flush=True
-                ),
-            )
+            result = simulate(cfg, corpus, progress=functools.partial(_progress, peers))
             results[(peers, method)] = result
             print(
                 f"M={peers} {method}: eval {result.eval_loss:.4f} in {result.wall_s:.0f} s",
