@@ -53,7 +53,7 @@ def _settings(args: argparse.Namespace) -> list[str]:
 
 
 def inside(args: argparse.Namespace) -> dict[str, Any]:
-    from cluster import Cluster, wait_for
+    from cluster import Cluster, wait_for  # type: ignore[import-not-found]
 
     with tempfile.TemporaryDirectory(prefix="locod-join-") as scratch:
         cluster = Cluster(Path(scratch), common=_settings(args))

@@ -73,8 +73,9 @@ def _run_settings(args: argparse.Namespace) -> list[str]:
 
 def inside(args: argparse.Namespace) -> dict[str, Any]:
     """Run the three peers (we are inside the namespace) and measure."""
-    from cluster import Cluster
-    from netns import lo_tx_bytes  # type: ignore[import-not-found]
+    from cluster import Cluster  # type: ignore[import-not-found]
+
+    from benchmarks.netns import lo_tx_bytes
 
     with tempfile.TemporaryDirectory(prefix="locod-bench-") as scratch:
         cluster = Cluster(Path(scratch), common=_run_settings(args))
@@ -303,7 +304,6 @@ def main() -> None:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         Path(args.json).write_text(json.dumps(inside(args)))
     else:
         outside(args)
