@@ -29,10 +29,12 @@ def namespace(name: str, rate_mbit: float | None) -> Iterator[list[str]]:
     """Yield the command prefix that runs a program inside a fresh, rate-limited namespace."""
     _ip("netns", "add", name)
     try:
-        _ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+        # An internet-like MTU: loopback's default 64 KiB packets would exceed a small
+        # token bucket and never pass.
+        _ip("netns", "exec", name, "ip", "link", "set", "lo", "mtu", "1500", "up")
         if rate_mbit:
-            # A burst of ~10 ms of traffic (at least 64 KB, so large TCP segments pass).
-            burst = max(64_000, int(rate_mbit * 1e6 / 8 / 100))
+            # A burst of ~10 ms of traffic, and never less than many full packets.
+            burst = max(32_000, int(rate_mbit * 1e6 / 8 / 100))
             result = subprocess.run(
                 [
                     "ip",

@@ -41,6 +41,8 @@ class PeerRecord:
     tokens_per_s: float
     joined_at: float
     left: bool = False
+    ready: bool = False
+    """Holds the run's state and can train (a newcomer is not ready while downloading)."""
     updated_at: float = 0.0
 
 
@@ -135,6 +137,7 @@ def _parse_record(owner: Any, value: Any) -> PeerRecord | None:
             tokens_per_s=float(value["tokens_per_s"]),
             joined_at=float(value["joined_at"]),
             left=bool(value.get("left", False)),
+            ready=bool(value.get("ready", False)),
             updated_at=float(value.get("updated_at", 0.0)),
         )
     except (KeyError, TypeError, ValueError):

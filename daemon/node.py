@@ -167,6 +167,7 @@ class Daemon:
         self._refresh_task: concurrent.futures.Future[None] | None = None
         self._signals = 0
         self._told_client_only: set[str] = set()
+        self._ready = False
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -456,6 +457,7 @@ class Daemon:
             tokens_per_s=self.board.tokens_per_s,
             joined_at=self.ctx.joined_at,
             left=left,
+            ready=self._ready,
         )
 
     def _publish(self, *, first: bool = False, left: bool = False) -> None:
@@ -482,7 +484,7 @@ class Daemon:
         assert self.discovery is not None and self.ctx is not None
         peers = self.discovery.peers()
         view = {r.peer_id: r for r in peers if not self.ctx.has_left(r)}
-        view.setdefault(self.ctx.peer_id, self._record())
+        view[self.ctx.peer_id] = self._record()  # our own view of ourselves is the freshest
         for record in view.values():
             if record.client_only and record.peer_id not in self._told_client_only:
                 self._told_client_only.add(record.peer_id)
@@ -496,14 +498,21 @@ class Daemon:
         self.ctx.peers = view
 
     def _wait_for_peers(self) -> None:
+        """Say we are ready; with --min-peers N, wait until N peers are ready to train.
+
+        Counting only ready peers (not ones still downloading the state) lets a run's
+        first peers start their first round together.
+        """
+        self._ready = True
+        self._publish()
         if self.cfg.min_peers <= 1:
             return
         self.board.update(state="waiting", note=f"waiting for {self.cfg.min_peers} peers")
         while not self.stop_event.is_set():
             self._refresh_now()
             assert self.ctx is not None
-            count = len(self.ctx.live_peers())
-            self.board.update(note=f"{count}/{self.cfg.min_peers} peers in the run")
+            count = sum(1 for r in self.ctx.live_peers() if r.ready)
+            self.board.update(note=f"{count}/{self.cfg.min_peers} peers ready")
             if self.view:
                 self.view.update(self.board, self.ctx)
             if count >= self.cfg.min_peers:
