@@ -25,3 +25,28 @@ def random_text_corpus(size: int = 200_000, seed: int = 0) -> Corpus:
         heldout_files=1,
         description="synthetic",
     )
+
+
+SIMULATION_RESULT_KEYS = {
+    "method",
+    "peers",
+    "steps",
+    "model",
+    "parameters",
+    "fragments",
+    "inner_steps",
+    "overlap",
+    "alpha",
+    "wire",
+    "tokens",
+    "train_loss",
+    "eval_loss",
+    "eval_loss_replicas",
+    "eval_loss_replica_average",
+    "bytes_sent_per_peer",
+    "peak_bytes_per_sync",
+    "rounds",
+    "wall_s",
+    "eval_curve",
+}
+"""What ``locod simulate --json`` prints, by name."""

@@ -6,48 +6,18 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner, Result
+from helpers import SIMULATION_RESULT_KEYS
 
 from daemon.cli import locod
 
-RESULT_KEYS = {
-    "method",
-    "peers",
-    "steps",
-    "model",
-    "parameters",
-    "fragments",
-    "inner_steps",
-    "overlap",
-    "alpha",
-    "wire",
-    "tokens",
-    "train_loss",
-    "eval_loss",
-    "eval_loss_replicas",
-    "eval_loss_replica_average",
-    "bytes_sent_per_peer",
-    "peak_bytes_per_sync",
-    "rounds",
-    "wall_s",
-    "eval_curve",
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # A tiny model runs fastest on one thread, and does not stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +86,7 @@ def test_json_prints_one_object_on_stdout_and_progress_on_stderr(workdir: Path) 
     assert result.exit_code == 0, result.output
     fields = json.loads(result.stdout)
     assert result.stdout == json.dumps(fields) + "\n"
-    assert set(fields) == RESULT_KEYS
+    assert set(fields) == SIMULATION_RESULT_KEYS
     assert (fields["method"], fields["model"], fields["peers"], fields["steps"]) == (
         "streaming",
         "tiny",
@@ -163,7 +133,7 @@ def test_locod_simulate_as_a_real_process(workdir: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 1
-    assert set(json.loads(lines[0])) == RESULT_KEYS
+    assert set(json.loads(lines[0])) == SIMULATION_RESULT_KEYS
     assert "streaming step 6/6" in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from helpers import random_text_corpus
+from helpers import SIMULATION_RESULT_KEYS, random_text_corpus
 
 from peer.averaging import SyncFailed, SyncRequest, SyncResult
 from peer.codec import WireFormat, encode
@@ -24,37 +23,9 @@ from peer.streaming import StreamingDiLoCo
 CPU = torch.device("cpu")
 FP32 = WireFormat(codec="fp32", zstd_level=0)
 STEPS, PEERS, BATCH, SEQ, H = 24, 2, 2, 32, 6
-RESULT_KEYS = {
-    "method",
-    "peers",
-    "steps",
-    "model",
-    "parameters",
-    "fragments",
-    "inner_steps",
-    "overlap",
-    "alpha",
-    "wire",
-    "tokens",
-    "train_loss",
-    "eval_loss",
-    "eval_loss_replicas",
-    "eval_loss_replica_average",
-    "bytes_sent_per_peer",
-    "peak_bytes_per_sync",
-    "rounds",
-    "wall_s",
-    "eval_curve",
-}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # A tiny model runs fastest on one thread, and does not stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +71,7 @@ def _without_wall_time(result: SimulationResult) -> dict[str, object]:
 def test_a_run_reports_every_field(runs: dict[str, SimulationResult], method: str) -> None:
     result = runs[method]
     fields = result.as_json()
-    assert set(fields) == RESULT_KEYS
+    assert set(fields) == SIMULATION_RESULT_KEYS
     assert json.loads(json.dumps(fields))["method"] == method
     assert (result.method, result.peers, result.steps, result.model) == (
         method,
