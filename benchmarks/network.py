@@ -94,6 +94,7 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
         "lo_bytes_per_peer": tx / PEERS,
         "payload_sent_per_peer": sum(s["bytes_sent"] for s in peers) / PEERS,
         "payload_received_per_peer": sum(s["bytes_received"] for s in peers) / PEERS,
+        "state_sent_per_peer": sum(s["state_bytes_sent"] for s in peers) / PEERS,
         "utilization": [1.0 - s["wait_fraction"] for s in peers],
         "tokens_per_s": [s["tokens_per_s"] for s in peers],
         "waited_s": [s["waited_s"] for s in peers],
@@ -195,6 +196,7 @@ def outside(args: argparse.Namespace) -> None:
         f"H={args.inner_steps}, P={args.fragments}, τ=1, FP4+zstd, {args.steps} steps"
     )
 
+    rounds_sent = base["payload_sent_per_peer"] - base["state_sent_per_peer"]
     wire_rows = [
         [
             "`locod simulate` accounting (codec output × (M−1)/M, both ways)",
@@ -202,7 +204,12 @@ def outside(args: argparse.Namespace) -> None:
             "1.00",
         ],
         [
-            "daemon: payload bytes it sent",
+            "daemon: round payload it sent (all payload minus state served)",
+            f"{rounds_sent / 1e6:.2f}",
+            f"{rounds_sent / sim_bytes:.2f}",
+        ],
+        [
+            "daemon: all payload it sent (rounds + state served to the joiners)",
             f"{base['payload_sent_per_peer'] / 1e6:.2f}",
             f"{base['payload_sent_per_peer'] / sim_bytes:.2f}",
         ],
@@ -225,6 +232,8 @@ def outside(args: argparse.Namespace) -> None:
     write_section(
         "network_wire_bytes", "Bytes on the wire vs the simulator's accounting", wire_body
     )
+    if args.wire_only:
+        return
 
     rows = []
     for rate, result in results.items():
@@ -300,6 +309,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--wire-only",
+        action="store_true",
+        help="write only the wire-bytes section (use with --rates 0)",
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()

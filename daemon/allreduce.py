@@ -441,40 +441,37 @@ async def _one_part(
     numel: int,
     deadline: float,
 ) -> tuple[bytes, int]:
-    """Exchange one part with its reducer; if that reducer fails, with its fallbacks."""
-    try:
-        return await _exchange(
-            ctx, reducer, group, part, reducer_member, payload, weight, numel, deadline
-        )
-    except _ReducerLost as lost:
-        failure = lost
-    others = [m for m in group.reducers if m.peer_id != reducer_member.peer_id]
-    start = [m.peer_id for m in group.reducers].index(reducer_member.peer_id)
-    ordered = others[start:] + others[:start]  # the next reducers after the failed one
-    for fallback in ordered:
-        if time.monotonic() >= deadline:
-            break
-        ctx.log.info(
-            "round (%d, %d): reducer %s of part %d failed (%s); sending the part to %s",
-            group.fragment,
-            group.round,
-            reducer_member.peer_id,
-            part,
-            failure,
-            fallback.peer_id,
-        )
+    """Exchange one part with its reducer; if that reducer fails, with its fallbacks
+    (the next reducers in group order, so every member picks the same one)."""
+    ids = [m.peer_id for m in group.reducers]
+    start = ids.index(reducer_member.peer_id)
+    candidates = group.reducers[start:] + group.reducers[:start]
+    failure: _ReducerLost | None = None
+    for candidate in candidates:
+        if failure is not None:
+            if time.monotonic() >= deadline:
+                break
+            ctx.log.info(
+                "round (%d, %d): reducer %s of part %d failed (%s); sending the part to %s",
+                group.fragment,
+                group.round,
+                reducer_member.peer_id,
+                part,
+                failure,
+                candidate.peer_id,
+            )
         try:
             return await _exchange(
                 ctx,
                 reducer,
                 group,
                 part,
-                fallback,
+                candidate,
                 payload,
                 weight,
                 numel,
                 deadline,
-                fallback_for=reducer_member.peer_id,
+                fallback_for="" if candidate is reducer_member else reducer_member.peer_id,
             )
         except _ReducerLost as lost:
             failure = lost

@@ -29,10 +29,13 @@ SUSPECT_S = 30.0
 
 @dataclass(slots=True)
 class Traffic:
-    """Bytes that really crossed the wire as payload (chunks), both directions."""
+    """Payload bytes (chunks) this peer sent and received: rounds and state transfers."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
+    state_bytes_sent: int = 0
+    """The part of ``bytes_sent`` that served state downloads (joiners, repairs)."""
+    state_bytes_received: int = 0
 
 
 @dataclass(slots=True)

@@ -152,6 +152,7 @@ class StateServer:
             self.bytes_served += len(piece)
             self.chunks_served += 1
             self.ctx.traffic.bytes_sent += len(piece)
+            self.ctx.traffic.state_bytes_sent += len(piece)
             limit = self.ctx.faults.exit_after_chunks()
             if limit is not None and self.chunks_served > limit:
                 self.ctx.log.error("fault injected: exiting while serving state")
@@ -273,6 +274,7 @@ async def download_state(
             donors_used.add(address)
             progress.done += len(reply.data)
             ctx.traffic.bytes_received += len(reply.data)
+            ctx.traffic.state_bytes_received += len(reply.data)
         for item in skipped:
             queue.put_nowait(item)
 

@@ -91,6 +91,8 @@ def build_reply(board: StatusBoard, ctx: PeerContext) -> spb.StatusReply:
             ],
             bytes_sent=ctx.traffic.bytes_sent,
             bytes_received=ctx.traffic.bytes_received,
+            state_bytes_sent=ctx.traffic.state_bytes_sent,
+            state_bytes_received=ctx.traffic.state_bytes_received,
             wait_fraction=board.wait_fraction,
             fragments=[
                 spb.FragmentStatus(

@@ -65,7 +65,7 @@ class RoundStatus(_message.Message):
     def __init__(self, fragment: _Optional[int] = ..., round: _Optional[int] = ..., group_size: _Optional[int] = ..., duration_s: _Optional[float] = ..., outcome: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run", "step", "tokens", "listen", "dht_addrs", "peers", "bytes_sent", "bytes_received", "wait_fraction", "fragments", "tokens_per_s", "train_loss", "eval_loss", "rounds_applied", "rounds_failed", "waited_s", "uptime_s", "client_only", "repairs", "state", "version", "config_hash", "rounds_skipped", "download_done", "download_total", "join_command", "evals", "note", "rounds")
+    __slots__ = ("peer_id", "run", "step", "tokens", "listen", "dht_addrs", "peers", "bytes_sent", "bytes_received", "wait_fraction", "fragments", "tokens_per_s", "train_loss", "eval_loss", "rounds_applied", "rounds_failed", "waited_s", "uptime_s", "client_only", "repairs", "state", "version", "config_hash", "rounds_skipped", "download_done", "download_total", "join_command", "evals", "note", "rounds", "state_bytes_sent", "state_bytes_received")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class StatusReply(_message.Message):
     EVALS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run: str
     step: int
@@ -126,4 +128,6 @@ class StatusReply(_message.Message):
     evals: _containers.RepeatedCompositeFieldContainer[EvalPoint]
     note: str
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
-    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., listen: _Optional[str] = ..., dht_addrs: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[KnownPeer, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wait_fraction: _Optional[float] = ..., fragments: _Optional[_Iterable[_Union[FragmentStatus, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., rounds_applied: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., waited_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., client_only: _Optional[bool] = ..., repairs: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., config_hash: _Optional[str] = ..., rounds_skipped: _Optional[int] = ..., download_done: _Optional[int] = ..., download_total: _Optional[int] = ..., join_command: _Optional[str] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., note: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ...) -> None: ...
+    state_bytes_sent: int
+    state_bytes_received: int
+    def __init__(self, peer_id: _Optional[str] = ..., run: _Optional[str] = ..., step: _Optional[int] = ..., tokens: _Optional[int] = ..., listen: _Optional[str] = ..., dht_addrs: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[KnownPeer, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wait_fraction: _Optional[float] = ..., fragments: _Optional[_Iterable[_Union[FragmentStatus, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., rounds_applied: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., waited_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., client_only: _Optional[bool] = ..., repairs: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., config_hash: _Optional[str] = ..., rounds_skipped: _Optional[int] = ..., download_done: _Optional[int] = ..., download_total: _Optional[int] = ..., join_command: _Optional[str] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., note: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., state_bytes_sent: _Optional[int] = ..., state_bytes_received: _Optional[int] = ...) -> None: ...
