@@ -89,6 +89,7 @@ class GrpcAverager:
             weight=request.weight,
             global_hash=request.global_hash,
             step=request.step,
+            joined_at=self.ctx.joined_at,
         )
         try:
             group, late = await self.matchmaker.form_group(p, r, me)

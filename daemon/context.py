@@ -25,6 +25,8 @@ CHUNK_BYTES = 512 * 1024
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SUSPECT_S = 30.0
 """How long a peer that failed an RPC is left out of leader choice."""
+HEARD_TTL_S = 30.0
+"""How long a peer heard of only through JoinGroup counts as live (a DHT record's TTL)."""
 
 
 @dataclass(slots=True)
@@ -58,6 +60,10 @@ class PeerContext:
     """Peers that said they left (out of rounds at once), with when they said it; a peer
     that comes back with the same id (a restart) is in again once its new record shows."""
     suspected: dict[str, float] = field(default_factory=dict)
+    heard: dict[str, PeerRecord] = field(default_factory=dict)
+    """Peers that joined a group we lead before their DHT record reached us (a newcomer
+    that just finished its download): expected in the next rounds without waiting for
+    the next DHT refresh, until their record shows or ``HEARD_TTL_S`` passes."""
     step: int = 0
     """This peer's current inner step (written by the training thread)."""
     joined_at: float = field(default_factory=time.time)
@@ -104,6 +110,34 @@ class PeerContext:
             self.log.info(
                 "peer %s is unreachable (%s); leaving it out for %.0fs", peer_id, reason, SUSPECT_S
             )
+
+    def hear(self, record: PeerRecord) -> None:
+        """A peer joined a group we lead: count it live now if the DHT has not shown it."""
+        if record.peer_id == self.peer_id or self.has_left(record):
+            return
+        self.heard[record.peer_id] = record
+        if record.peer_id not in self.peers:
+            self.log.info(
+                "peer %s joined a round before its DHT record reached us; expecting it "
+                "in the next rounds",
+                record.peer_id,
+            )
+            self.peers[record.peer_id] = record
+
+    def with_heard(self, view: dict[str, PeerRecord]) -> dict[str, PeerRecord]:
+        """``view`` from the DHT plus peers heard of recently that it does not show yet."""
+        cutoff = time.time() - HEARD_TTL_S
+        heard = list(self.heard.items())  # one atomic copy: the event loop may add meanwhile
+        for peer_id, record in heard:
+            if record.updated_at < cutoff or peer_id in view:
+                self.heard.pop(peer_id, None)
+        merged = dict(view)
+        for peer_id, record in heard:
+            if record.updated_at < cutoff or peer_id in view:
+                continue
+            if not self.has_left(record):
+                merged[peer_id] = record
+        return merged
 
     def live_peers(self) -> list[PeerRecord]:
         """Peers believed alive, oldest member first (the leader order)."""

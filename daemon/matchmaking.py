@@ -5,8 +5,10 @@ The leader of a round is the oldest live peer that accepts connections (ordered 
 peers that do not yet see a newcomer still pick the same leader. Members send
 ``JoinGroup(p, r)`` to the leader; the leader keeps the group open until every live peer
 it knows has joined or ``matchmaking_window_s`` has passed, then answers every member with
-the same :class:`Group`. A leader that cannot be reached is left out and the next oldest
-is asked, so a dead leader costs one connect timeout.
+the same :class:`Group`. A member the leader had not heard of yet (a newcomer whose DHT
+record has not reached it) is expected from the next round on. A leader that cannot be
+reached is left out and the next oldest is asked, so a dead leader costs one connect
+timeout.
 
 A peer that comes after its round's group closed gets ``TOO_LATE`` with the group, and
 fetches the result as a receive-only member (so it still applies the same round: I1).
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from daemon.context import PeerContext
+from daemon.discovery import PeerRecord
 from daemon.rpc import peer_pb2 as pb
 from daemon.rpc import peer_pb2_grpc
 
@@ -114,6 +117,22 @@ def make_group(
     )
 
 
+def _record_of(member: pb.Member, config_hash: str) -> PeerRecord:
+    """What a JoinGroup tells the leader about a member, as a provisional peer record."""
+    return PeerRecord(
+        peer_id=member.peer_id,
+        address=member.address,
+        client_only=member.client_only,
+        version="",
+        config_hash=config_hash,
+        step=member.step,
+        tokens_per_s=0.0,
+        joined_at=member.joined_at or time.time(),
+        ready=True,
+        updated_at=time.time(),
+    )
+
+
 @dataclass(slots=True)
 class _Pending:
     members: dict[str, pb.Member] = field(default_factory=dict)
@@ -134,6 +153,8 @@ class GroupRegistry:
     async def join(self, fragment: int, round_index: int, member: pb.Member) -> pb.GroupReply:
         key = (fragment, round_index)
         self._prune()
+        # Late or not, the member is live: expect it from the next round on.
+        self.ctx.hear(_record_of(member, self.ctx.config_hash))
         if key in self._closed:
             return self._answer(key, member)
         pending = self._pending.get(key)

@@ -495,7 +495,7 @@ class Daemon:
                         "--listen HOST:PORT --announce PUBLIC_HOST:PORT and open that port.",
                         record.peer_id,
                     )
-        self.ctx.peers = view
+        self.ctx.peers = self.ctx.with_heard(view)
 
     def _wait_for_peers(self) -> None:
         """Say we are ready; with --min-peers N, wait until N peers are ready to train.

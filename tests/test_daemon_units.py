@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
+import time
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from daemon.allreduce import max_payload_bytes, part_bounds
 from daemon.config import differing_settings
+from daemon.context import PeerContext
+from daemon.discovery import PeerRecord
 from daemon.faults import FaultPlan, parse_fault
-from daemon.matchmaking import Group, RoundFailed, make_group
+from daemon.matchmaking import Group, GroupRegistry, RoundFailed, make_group
 from daemon.rpc import peer_pb2 as pb
 from peer.codec import WireFormat, decode, encode
 
@@ -103,3 +110,73 @@ def test_only_explicit_run_settings_can_contradict_the_run() -> None:
     assert differing_settings(run, ours, frozenset({"inner_steps", "fragments"})) == [
         "inner_steps: this peer has 16, the run has 8"
     ]
+
+
+def _context(peer_id: str, window_s: float = 5.0) -> PeerContext:
+    cfg = SimpleNamespace(matchmaking_window_s=window_s)
+    return PeerContext(
+        cfg=cfg,  # type: ignore[arg-type]
+        peer_id=peer_id,
+        address="127.0.0.1:1",
+        config_hash="run",
+        version="test",
+        log=logging.getLogger("test"),
+        executor=None,  # type: ignore[arg-type]
+    )
+
+
+def _record(peer_id: str, joined_at: float) -> PeerRecord:
+    return PeerRecord(
+        peer_id=peer_id,
+        address=f"{peer_id}:1",
+        client_only=False,
+        version="test",
+        config_hash="run",
+        step=0,
+        tokens_per_s=0.0,
+        joined_at=joined_at,
+        ready=True,
+        updated_at=time.time(),
+    )
+
+
+def test_a_leader_expects_a_newcomer_from_its_first_join_on() -> None:
+    """A newcomer whose DHT record has not reached the leader comes too late for one round,
+    and is a full member of the next: the leader does not wait for its next DHT refresh."""
+    ctx = _context("a")
+    ctx.peers = {"a": _record("a", 1.0)}
+    registry = GroupRegistry(ctx, on_close=lambda group: None)
+
+    def member(peer_id: str) -> pb.Member:
+        return pb.Member(peer_id=peer_id, address=f"{peer_id}:1", joined_at=5.0, weight=1.0)
+
+    async def rounds() -> tuple[pb.GroupReply, pb.GroupReply, list[str]]:
+        alone = await registry.join(0, 0, member("a"))  # a knows only itself: closes at once
+        assert [m.peer_id for m in alone.members] == ["a"]
+        late = await registry.join(0, 0, member("d"))
+        leader_waits = asyncio.create_task(registry.join(0, 1, member("a")))
+        await asyncio.sleep(0.05)
+        assert not leader_waits.done(), "the leader should now wait for d"
+        joined = await registry.join(0, 1, member("d"))
+        await leader_waits
+        return late, joined, [r.peer_id for r in ctx.live_peers()]
+
+    late, joined, live = asyncio.run(rounds())
+    assert late.status == pb.GroupReply.TOO_LATE
+    assert joined.status == pb.GroupReply.OK and [m.peer_id for m in joined.members] == ["a", "d"]
+    assert live == ["a", "d"], "the newcomer orders after the older leader"
+
+
+def test_heard_peers_give_way_to_the_dht_and_expire() -> None:
+    ctx = _context("a")
+    dht_view = {"a": _record("a", 1.0)}
+    ctx.hear(_record("d", 5.0))
+    assert set(ctx.with_heard(dht_view)) == {"a", "d"}, "heard, not yet in the DHT"
+    fresh = replace(_record("d", 5.0), step=42)
+    assert ctx.with_heard(dht_view | {"d": fresh})["d"].step == 42, "the DHT record wins"
+    assert "d" not in ctx.heard
+    ctx.hear(replace(_record("d", 5.0), updated_at=time.time() - 1000))
+    assert set(ctx.with_heard(dht_view)) == {"a"}, "a peer heard of long ago has expired"
+    ctx.left["e"] = 10.0
+    ctx.hear(_record("e", 6.0))
+    assert set(ctx.with_heard(dht_view)) == {"a"}, "a peer that left is not heard again"

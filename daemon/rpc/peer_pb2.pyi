@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "client_only", "weight", "global_hash", "step")
+    __slots__ = ("peer_id", "address", "client_only", "weight", "global_hash", "step", "joined_at")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ONLY_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_HASH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    JOINED_AT_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     client_only: bool
     weight: float
     global_hash: str
     step: int
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., client_only: _Optional[bool] = ..., weight: _Optional[float] = ..., global_hash: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    joined_at: float
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., client_only: _Optional[bool] = ..., weight: _Optional[float] = ..., global_hash: _Optional[str] = ..., step: _Optional[int] = ..., joined_at: _Optional[float] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("run", "sender")
