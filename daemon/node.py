@@ -613,7 +613,7 @@ class Daemon:
             download_done=progress.done, download_total=progress.total, state=previous_state
         )
         self.log.info(
-            "downloaded %d bytes of state from %s in %.1fs (%.1f MB/s); step %d → %d",
+            "downloaded %d bytes of state from %s in %.2fs (%.1f MB/s); step %d → %d",
             progress.done,
             ", ".join(downloaded.donors_used),
             time.monotonic() - progress.started,

@@ -129,6 +129,10 @@ class Cluster:
     common: list[str] = field(default_factory=lambda: list(TINY_RUN))
     peers: dict[str, Peer] = field(default_factory=dict)
     join_addr: str = ""
+    prefixes: dict[str, list[str]] = field(default_factory=dict)
+    """A command prefix per peer name (``ip netns exec NS`` for benchmarks' sites)."""
+    peer_args: dict[str, list[str]] = field(default_factory=dict)
+    """Flags per peer name, after the common ones (a site's own listen addresses)."""
 
     def start(self, name: str, *extra: str, join: bool = True, fresh: bool = True) -> Peer:
         state_dir = self.root / name
@@ -137,9 +141,11 @@ class Cluster:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "daemon.json").unlink(missing_ok=True)
         args = [
+            *self.prefixes.get(name, []),
             *LOCOD,
             "start",
             *self.common,
+            *self.peer_args.get(name, []),
             "--state-dir",
             str(state_dir),
             "--cache-dir",
