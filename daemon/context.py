@@ -127,15 +127,12 @@ class PeerContext:
     def with_heard(self, view: dict[str, PeerRecord]) -> dict[str, PeerRecord]:
         """``view`` from the DHT plus peers heard of recently that it does not show yet."""
         cutoff = time.time() - HEARD_TTL_S
-        heard = list(self.heard.items())  # one atomic copy: the event loop may add meanwhile
-        for peer_id, record in heard:
+        merged = dict(view)
+        # list(): one atomic copy, since the event loop may add to ``heard`` meanwhile.
+        for peer_id, record in list(self.heard.items()):
             if record.updated_at < cutoff or peer_id in view:
                 self.heard.pop(peer_id, None)
-        merged = dict(view)
-        for peer_id, record in heard:
-            if record.updated_at < cutoff or peer_id in view:
-                continue
-            if not self.has_left(record):
+            elif not self.has_left(record):
                 merged[peer_id] = record
         return merged
 
