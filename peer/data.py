@@ -211,7 +211,7 @@ class BatchSampler:
     """Random windows of ``seq_len + 1`` bytes from one split; each peer seeds its own stream."""
 
     def __init__(self, data: np.ndarray, *, batch_size: int, seq_len: int, seed: int) -> None:
-        if len(data) < seq_len + 2:
+        if len(data) < seq_len + 1:
             raise CorpusError(
                 f"the corpus split has {len(data)} bytes, fewer than one sequence of {seq_len + 1}"
             )
@@ -230,7 +230,10 @@ class BatchSampler:
         # One generator per batch, keyed by (seed, batch index): resuming after a restart
         # is O(1) and gives exactly the stream an uninterrupted run would have seen.
         rng = np.random.default_rng([self.seed, self.batches_drawn])
-        starts = rng.integers(0, len(self.data) - self.seq_len - 1, size=self.batch_size)
+        # The last start position is never drawn (kept so streams stay what they were),
+        # except in a split of exactly one window, whose only start is 0.
+        high = max(1, len(self.data) - self.seq_len - 1)
+        starts = rng.integers(0, high, size=self.batch_size)
         windows = np.stack([np.asarray(self.data[s : s + self.seq_len + 1]) for s in starts])
         tensor = torch.from_numpy(windows.astype(np.int64))
         self.batches_drawn += 1
@@ -250,11 +253,11 @@ def heldout_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed evaluation batches, evenly spaced over the held-out split: same on every peer."""
     count = batch_size * num_batches
-    span = len(data) - seq_len - 1
-    if span < 1:
+    if len(data) < seq_len + 1:
         raise CorpusError(
             f"the held-out split has {len(data)} bytes, fewer than one sequence of {seq_len + 1}"
         )
+    span = max(1, len(data) - seq_len - 1)
     starts = np.linspace(0, span - 1, count).astype(np.int64)
     windows = np.stack([np.asarray(data[s : s + seq_len + 1]) for s in starts]).astype(np.int64)
     tensor = torch.from_numpy(windows).view(num_batches, batch_size, seq_len + 1)

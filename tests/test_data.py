@@ -342,3 +342,14 @@ def test_a_split_shorter_than_one_sequence_is_refused(size: int) -> None:
         BatchSampler(short, batch_size=2, seq_len=16, seed=0)
     with pytest.raises(CorpusError, match=f"has {size} bytes, fewer than one sequence of 17"):
         heldout_batches(short, batch_size=2, seq_len=16, num_batches=1)
+
+
+def test_a_split_of_exactly_one_sequence_is_enough() -> None:
+    """seq_len + 1 bytes hold one window: the sampler and the held-out batches both use it."""
+    exact = _random_bytes(17)
+    expected = torch.from_numpy(exact.astype(np.int64))
+    inputs, targets = BatchSampler(exact, batch_size=2, seq_len=16, seed=0).next()
+    assert all(torch.equal(row, expected[:-1]) for row in inputs)
+    assert all(torch.equal(row, expected[1:]) for row in targets)
+    [(held_in, held_target)] = heldout_batches(exact, batch_size=2, seq_len=16, num_batches=1)
+    assert torch.equal(held_in[0], expected[:-1]) and torch.equal(held_target[1], expected[1:])
