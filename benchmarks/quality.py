@@ -54,9 +54,16 @@ from peer.config import OuterConfig
 from peer.data import Corpus, load_corpus
 from peer.inner import InnerConfig
 from peer.model import model_config
+from peer.quantize import CODECS
 from peer.simulator import SimulationConfig, SimulationResult, simulate
 
 METHODS = ("ddp", "diloco", "streaming")
+WIRE_NAMES = {
+    "fp4": "FP4 E3M0 (block 64)",
+    "int8": "int8 (block 64)",
+    "bf16": "bf16",
+    "fp32": "fp32",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,10 @@ class Setting:
     diloco_outer_lr: float
     alpha: float
     overlap: int
+    wire: str
+    """Streaming's codec (zstd 3 after it); DiLoCo and ddp send fp32."""
+    fragments: int
+    """Streaming's P; 0 picks the default (the embeddings' and one per ~3 blocks)."""
     eval_seqs: int
     seed: int
 
@@ -132,6 +143,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="streaming's merge α")
     parser.add_argument("--overlap", type=int, default=1, help="streaming's τ")
+    parser.add_argument(
+        "--wire", choices=CODECS, default="fp4", help="streaming's codec (default fp4)"
+    )
+    parser.add_argument("--fragments", type=int, default=0, help="streaming's P (default 0: auto)")
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4], help="values of M")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
@@ -193,10 +208,11 @@ def run_config(setting: Setting, method: str, peers: int) -> SimulationConfig:
     else:
         outer = OuterConfig(
             inner_steps=setting.inner_steps,
+            fragments=setting.fragments,
             overlap=setting.overlap,
             alpha=setting.alpha,
             outer_lr=setting.outer_lr,
-            wire=WireFormat(codec="fp4", zstd_level=3),
+            wire=WireFormat(codec=setting.wire, zstd_level=3),
         )
     return SimulationConfig(
         method=method,
@@ -296,7 +312,7 @@ def caption(setting: Setting, corpus: Corpus, parameters: int) -> str:
         f"{setting.lr:g}, warmup {setting.warmup}, cosine decay to 0.1 x lr at step "
         f"{setting.steps}, weight decay 0.1, clip 1.0; seed {setting.seed}. DiLoCo: P = 1, "
         f"τ = 0, α = 0, outer Nesterov lr {setting.diloco_outer_lr:g} (momentum 0.9), fp32 "
-        f"wire. Streaming: FP4 E3M0 (block 64) + zstd 3, τ = {setting.overlap}, "
+        f"wire. Streaming: {WIRE_NAMES[setting.wire]} + zstd 3, τ = {setting.overlap}, "
         f"α = {setting.alpha:g}, outer Nesterov lr {setting.outer_lr:g}. Eval loss is nats "
         f"per byte on the same {setting.eval_seqs} held-out sequences for every run, taken "
         f"with θ_g after a final sync of every fragment (for ddp, its one model); "
@@ -325,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         diloco_outer_lr=args.diloco_outer_lr,
         alpha=args.alpha,
         overlap=args.overlap,
+        wire=args.wire,
+        fragments=args.fragments,
         eval_seqs=args.eval_seqs,
         seed=args.seed,
     )
