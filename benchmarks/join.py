@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -118,16 +116,10 @@ def _listen_on(ip: str) -> list[str]:
 
 def in_shared_namespace(args: argparse.Namespace, rate: float, donors: int) -> dict[str, Any]:
     """Run :func:`inside` in a fresh namespace whose one ``lo`` is capped at ``rate``."""
-    from benchmarks.netns import namespace
+    from benchmarks.netns import run_inside
 
-    with (
-        namespace(f"locod-join-{os.getpid()}", rate or None) as prefix,
-        tempfile.NamedTemporaryFile(suffix=".json") as out,
-    ):
-        command = [*prefix, sys.executable, "-m", "benchmarks.join", "--inside"]
-        command += ["--json", out.name, "--model", args.model, "--donors", str(donors)]
-        subprocess.run([*command, "--timeout", str(args.timeout)], cwd=ROOT, check=True)
-        return dict(json.loads(Path(out.name).read_text()))
+    arguments = ["--model", args.model, "--donors", str(donors), "--timeout", str(args.timeout)]
+    return run_inside("benchmarks.join", arguments, rate or None)
 
 
 TOPOLOGIES = {

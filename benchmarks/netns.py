@@ -16,12 +16,17 @@ Needs root (or CAP_NET_ADMIN).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
 STAR_SUBNET = "10.77.0"
 
 
@@ -108,6 +113,16 @@ def namespace(name: str, rate_mbit: float | None) -> Iterator[list[str]]:
         yield ["ip", "netns", "exec", name]
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def run_inside(module: str, arguments: list[str], rate_mbit: float | None) -> dict[str, Any]:
+    """Run ``python -m module --inside --json F *arguments`` in a fresh namespace whose
+    ``lo`` is capped at ``rate_mbit``, and return the JSON object it wrote to F."""
+    name = f"locod-{module.rsplit('.', 1)[-1]}-{os.getpid()}"
+    with namespace(name, rate_mbit) as prefix, tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [*prefix, sys.executable, "-m", module, "--inside", "--json", out.name]
+        subprocess.run([*command, *arguments], cwd=ROOT, check=True)
+        return dict(json.loads(Path(out.name).read_text()))
 
 
 def lo_tx_bytes() -> int:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -154,7 +152,7 @@ def theory_mbit(args: argparse.Namespace, step_s: float) -> float:
 
 
 def outside(args: argparse.Namespace) -> None:
-    from benchmarks.netns import NamespaceError, check_available, namespace
+    from benchmarks.netns import NamespaceError, check_available, run_inside
     from benchmarks.report import markdown_table, write_section
 
     try:
@@ -167,22 +165,7 @@ def outside(args: argparse.Namespace) -> None:
         label = f"{rate:g} Mbit/s" if rate else "unlimited"
         print(f"== {label}", flush=True)
         began = time.monotonic()
-        with (
-            namespace(f"locod-bench-{os.getpid()}", rate or None) as prefix,
-            tempfile.NamedTemporaryFile(suffix=".json") as out,
-        ):
-            command = [
-                *prefix,
-                sys.executable,
-                "-m",
-                "benchmarks.network",
-                "--inside",
-                "--json",
-                out.name,
-                *_passthrough(args),
-            ]
-            subprocess.run(command, cwd=ROOT, check=True)
-            results[rate] = json.loads(Path(out.name).read_text())
+        results[rate] = run_inside("benchmarks.network", _passthrough(args), rate or None)
         results[rate]["wall_s"] = time.monotonic() - began
         print(json.dumps(results[rate]), flush=True)
 
