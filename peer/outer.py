@@ -32,6 +32,10 @@ def weighted_mean(contributions: Sequence[tuple[torch.Tensor, float]]) -> torch.
         if not weight > 0:
             raise ValueError(f"contribution weights must be positive, got {weight}")
         total_weight += float(weight)
+    if len(contributions) == 1:
+        # The mean of one contribution is that contribution, exactly; w·Δ/w would round
+        # twice whenever w is not a power of two.
+        return contributions[0][0].to(torch.float32, copy=True)
     accumulator = torch.zeros_like(contributions[0][0], dtype=torch.float32)
     for delta, weight in contributions:
         accumulator.add_(delta.to(torch.float32), alpha=float(weight))

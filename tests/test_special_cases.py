@@ -16,7 +16,7 @@ from helpers import random_text_corpus
 from peer.codec import WireFormat
 from peer.config import OuterConfig
 from peer.data import BatchSampler
-from peer.fragments import partition
+from peer.fragments import assign_flat, flatten, fragments_due, partition
 from peer.inner import InnerConfig, InnerTrainer
 from peer.model import ByteTransformer, build_model, model_config
 from peer.simulator import InMemoryHub
@@ -146,7 +146,23 @@ def test_h1_inner_sgd_outer_lr1_is_data_parallel_sgd() -> None:
         _assert_close(_params(trainer.model), _params(model), atol=2e-6)
 
 
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of float32 at |x| (the gap to the next representable value up)."""
+    magnitude = x.abs()
+    return torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
+
+
 def test_single_peer_tau0_alpha0_outer_lr1_is_local_training() -> None:
+    """M = 1, τ = 0, α = 0, outer SGD lr 1 without momentum: θ_g ← θ_g − (θ_g − θ) = θ.
+
+    In exact arithmetic a sync changes nothing. In fp32 it is one round trip,
+    θ ← fl(θ_g − fl(θ_g − θ)), which is off from θ by at most half an ulp of the
+    difference plus half an ulp of the result on some values; AdamW then amplifies such
+    differences chaotically, by how much depending on the CPU's kernels. So the reference
+    is local training that performs that same round trip at every sync (elementwise IEEE
+    subtractions, correctly rounded on any CPU): the algorithm must match it bit for bit,
+    and each sync must stay within the round trip's error bound of plain local training.
+    """
     inner = InnerConfig(batch_size=2, seq_len=16, warmup_steps=2, lr=1e-3)
     outer = OuterConfig(
         inner_steps=6,
@@ -163,6 +179,19 @@ def test_single_peer_tau0_alpha0_outer_lr1_is_local_training() -> None:
 
     sampler = _samplers(1, inner)[0]
     local = InnerTrainer(build_model(model_config("tiny"), seed=7), inner, device=CPU)
-    for _ in range(steps):
+    fragments = partition(local.model, list(local.model.blocks), outer.fragments)
+    global_copy = [flatten(f.params) for f in fragments]
+    syncs = 0
+    for step in range(1, steps + 1):
         local.train_step(*sampler.next())
-    _assert_close(_params(trainers[0].model), _params(local.model))
+        for p in fragments_due(step, outer.fragments, outer.inner_steps):
+            theta = flatten(fragments[p].params)
+            delta = global_copy[p] - theta
+            synced = global_copy[p] - delta
+            bound = 0.5 * (_ulp(delta) + _ulp(synced))
+            assert bool(((synced - theta).abs() <= bound).all()), f"sync of {p} at {step}"
+            global_copy[p] = synced
+            assign_flat(fragments[p].params, synced)
+            syncs += 1
+    assert syncs == 7
+    _assert_close(_params(trainers[0].model), _params(local.model), atol=0.0)
