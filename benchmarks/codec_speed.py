@@ -32,7 +32,7 @@ from typing import TypeVar
 import torch
 
 from benchmarks.report import markdown_table, write_section
-from peer.codec import WireFormat, decode, encode
+from locod.peer.codec import WireFormat, decode, encode
 
 CONFIGS = [
     ("fp4", 0, "nearest"),

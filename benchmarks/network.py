@@ -111,11 +111,11 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
 
 def simulated_bytes(args: argparse.Namespace) -> tuple[float, float, int]:
     """What ``locod simulate`` accounts per peer for the same settings (no final flush)."""
-    from peer.codec import WireFormat
-    from peer.config import OuterConfig
-    from peer.data import load_corpus
-    from peer.inner import InnerConfig
-    from peer.simulator import SimulationConfig, simulate
+    from locod.peer.codec import WireFormat
+    from locod.peer.config import OuterConfig
+    from locod.peer.data import load_corpus
+    from locod.peer.inner import InnerConfig
+    from locod.peer.simulator import SimulationConfig, simulate
 
     cfg = SimulationConfig(
         method="streaming",
@@ -138,9 +138,9 @@ def theory_mbit(args: argparse.Namespace, step_s: float) -> float:
     fragment's traffic per peer (2(M−1)/M × its FP4+zstd size) over the step time."""
     import torch
 
-    from peer.codec import WireFormat, encode
-    from peer.fragments import partition
-    from peer.model import build_model, model_config
+    from locod.peer.codec import WireFormat, encode
+    from locod.peer.fragments import partition
+    from locod.peer.model import build_model, model_config
 
     model = build_model(model_config(args.model), seed=0)
     fragments = partition(model, list(model.blocks), args.fragments)

@@ -49,13 +49,13 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.report import markdown_table, write_section
-from peer.codec import WireFormat
-from peer.config import OuterConfig
-from peer.data import Corpus, load_corpus
-from peer.inner import InnerConfig
-from peer.model import model_config
-from peer.quantize import CODECS
-from peer.simulator import SimulationConfig, SimulationResult, simulate
+from locod.peer.codec import WireFormat
+from locod.peer.config import OuterConfig
+from locod.peer.data import Corpus, load_corpus
+from locod.peer.inner import InnerConfig
+from locod.peer.model import model_config
+from locod.peer.quantize import CODECS
+from locod.peer.simulator import SimulationConfig, SimulationResult, simulate
 
 METHODS = ("ddp", "diloco", "streaming")
 WIRE_NAMES = {

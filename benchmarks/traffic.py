@@ -43,14 +43,14 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.report import markdown_table, write_section
-from peer.codec import WireFormat, decode, encode, raw_body_len
-from peer.config import OuterConfig
-from peer.data import BatchSampler, Corpus, load_corpus
-from peer.fragments import auto_fragment_count, flatten, fragments_due, partition
-from peer.inner import InnerConfig, InnerTrainer
-from peer.model import ByteTransformer, build_model, model_config
-from peer.outer import outer_gradient, weighted_mean
-from peer.simulator import SimulationConfig, simulate
+from locod.peer.codec import WireFormat, decode, encode, raw_body_len
+from locod.peer.config import OuterConfig
+from locod.peer.data import BatchSampler, Corpus, load_corpus
+from locod.peer.fragments import auto_fragment_count, flatten, fragments_due, partition
+from locod.peer.inner import InnerConfig, InnerTrainer
+from locod.peer.model import ByteTransformer, build_model, model_config
+from locod.peer.outer import outer_gradient, weighted_mean
+from locod.peer.simulator import SimulationConfig, simulate
 
 FP4 = WireFormat(codec="fp4", block_size=64, zstd_level=0)
 FP4_ZSTD = WireFormat(codec="fp4", block_size=64, zstd_level=3)

@@ -1,5 +1,5 @@
-"""``python -m daemon`` is ``locod``."""
+"""``python -m locod.daemon`` is ``locod`` too."""
 
-from daemon.cli import main
+from locod.daemon.cli import main
 
 main()

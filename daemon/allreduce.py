@@ -32,12 +32,12 @@ import grpc
 import torch
 from grpc import aio
 
-from daemon.context import CHUNK_BYTES, PeerContext
-from daemon.matchmaking import Group, RoundFailed
-from daemon.rpc import peer_pb2 as pb
-from daemon.rpc import peer_pb2_grpc
-from peer.codec import CodecError, WireFormat, decode, encode
-from peer.outer import bounded_mean
+from locod.daemon.context import CHUNK_BYTES, PeerContext
+from locod.daemon.matchmaking import Group, RoundFailed
+from locod.daemon.rpc import peer_pb2 as pb
+from locod.daemon.rpc import peer_pb2_grpc
+from locod.peer.codec import CodecError, WireFormat, decode, encode
+from locod.peer.outer import bounded_mean
 
 RESULT_TTL_S = 600.0
 _PAYLOAD_SLACK = 4096

@@ -13,12 +13,12 @@ import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable
 
-from daemon.allreduce import Reducer, allreduce
-from daemon.context import PeerContext
-from daemon.matchmaking import Matchmaker, RoundFailed
-from daemon.rpc import peer_pb2 as pb
-from peer.averaging import FragmentState, SyncFailed, SyncOutcome, SyncRequest, SyncResult
-from peer.codec import WireFormat
+from locod.daemon.allreduce import Reducer, allreduce
+from locod.daemon.context import PeerContext
+from locod.daemon.matchmaking import Matchmaker, RoundFailed
+from locod.daemon.rpc import peer_pb2 as pb
+from locod.peer.averaging import FragmentState, SyncFailed, SyncOutcome, SyncRequest, SyncResult
+from locod.peer.codec import WireFormat
 
 Repair = Callable[[int, int, str], Awaitable[tuple[FragmentState, bool] | None]]
 """(fragment, round, majority hash) → (state, post_round) from a peer holding the group's

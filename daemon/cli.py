@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from daemon.config import START_SETTINGS
-from daemon.settings import ALGORITHM, build_algorithm, click_options, resolve
+from locod.daemon.config import START_SETTINGS
+from locod.daemon.settings import ALGORITHM, build_algorithm, click_options, resolve
 
 # A simulation is a short run: sync often enough to see several rounds of every fragment.
 _SIMULATE_DEFAULTS = {"inner_steps": 25, "warmup_steps": 20}
@@ -77,9 +77,9 @@ def simulate(
     **options: Any,
 ) -> None:
     """Run M peers in this process and report loss and traffic."""
-    from peer.data import CorpusError, load_corpus
-    from peer.simulator import SimulationConfig
-    from peer.simulator import simulate as run_simulation
+    from locod.peer.data import CorpusError, load_corpus
+    from locod.peer.simulator import SimulationConfig
+    from locod.peer.simulator import simulate as run_simulation
 
     resolved = resolve(ctx, options, ALGORITHM, config_file)
     values = dict(resolved.values)
@@ -171,12 +171,12 @@ def _apply_diloco(explicit: frozenset[str], values: dict[str, Any]) -> None:
 @click.pass_context
 def start(ctx: click.Context, config_file: Path | None, check: bool, **options: Any) -> None:
     """Start a peer: a new run, or (with --join) the run of another site."""
-    from daemon.config import build_daemon_config
+    from locod.daemon.config import build_daemon_config
 
     resolved = resolve(ctx, options, START_SETTINGS, config_file)
     cfg = build_daemon_config(resolved.values, resolved.explicit)
     if check:
-        from daemon.faults import FaultPlan
+        from locod.daemon.faults import FaultPlan
 
         try:
             FaultPlan.parse(cfg.faults)
@@ -186,7 +186,7 @@ def start(ctx: click.Context, config_file: Path | None, check: bool, **options: 
         for name, value in sorted(cfg.loggable().items()):
             click.echo(f"  {name} = {value!r}  [{resolved.sources[name]}]")
         return
-    from daemon.node import Daemon, StartError
+    from locod.daemon.node import Daemon, StartError
 
     try:
         code = Daemon(cfg).run()
@@ -217,8 +217,8 @@ def start(ctx: click.Context, config_file: Path | None, check: bool, **options: 
 )
 def status(address: str | None, as_json: bool, state_dir: Path, key: str, timeout_s: float) -> None:
     """Show what the daemon at ADDRESS (HOST:PORT) is doing."""
-    from daemon.node import read_info
-    from daemon.status import StatusUnavailable, query_status, render_status
+    from locod.daemon.node import read_info
+    from locod.daemon.status import StatusUnavailable, query_status, render_status
 
     if address is None:
         info = read_info(state_dir)

@@ -17,11 +17,11 @@ from typing import Any
 
 import click
 
-from daemon.settings import ALGORITHM, Setting, build_algorithm
-from peer.config import OuterConfig
-from peer.fragments import auto_fragment_count, validate_fragment_count, validate_schedule
-from peer.inner import InnerConfig
-from peer.model import model_config
+from locod.daemon.settings import ALGORITHM, Setting, build_algorithm
+from locod.peer.config import OuterConfig
+from locod.peer.fragments import auto_fragment_count, validate_fragment_count, validate_schedule
+from locod.peer.inner import InnerConfig
+from locod.peer.model import model_config
 
 PROTOCOL_VERSION = 1
 DEFAULT_RUN = "locod-demo"

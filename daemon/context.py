@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from daemon.auth import client_interceptors
-from daemon.config import PROTOCOL_VERSION, DaemonConfig
-from daemon.discovery import PeerRecord
-from daemon.faults import FaultPlan
+from locod.daemon.auth import client_interceptors
+from locod.daemon.config import PROTOCOL_VERSION, DaemonConfig
+from locod.daemon.discovery import PeerRecord
+from locod.daemon.faults import FaultPlan
 
 CHUNK_BYTES = 512 * 1024
 """Stream chunk size: well under gRPC's 4 MiB message limit."""

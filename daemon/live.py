@@ -11,8 +11,8 @@ import sys
 import time
 from typing import TextIO
 
-from daemon.context import PeerContext
-from daemon.status import StatusBoard, _bytes
+from locod.daemon.context import PeerContext
+from locod.daemon.status import StatusBoard, _bytes
 
 
 def render(board: StatusBoard, ctx: PeerContext) -> list[str]:

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from daemon.context import PeerContext
-from daemon.discovery import PeerRecord
-from daemon.rpc import peer_pb2 as pb
-from daemon.rpc import peer_pb2_grpc
+from locod.daemon.context import PeerContext
+from locod.daemon.discovery import PeerRecord
+from locod.daemon.rpc import peer_pb2 as pb
+from locod.daemon.rpc import peer_pb2_grpc
 
 CLOSED_TTL_S = 600.0
 

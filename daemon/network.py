@@ -19,12 +19,12 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from daemon.auth import ServerAuth
-from daemon.config import DaemonConfig
-from daemon.context import MAX_MESSAGE_BYTES
-from daemon.rpc import peer_pb2, peer_pb2_grpc, status_pb2, status_pb2_grpc
-from daemon.service import PeerService
-from daemon.status import StatusService
+from locod.daemon.auth import ServerAuth
+from locod.daemon.config import DaemonConfig
+from locod.daemon.context import MAX_MESSAGE_BYTES
+from locod.daemon.rpc import peer_pb2, peer_pb2_grpc, status_pb2, status_pb2_grpc
+from locod.daemon.service import PeerService
+from locod.daemon.status import StatusService
 
 T = TypeVar("T")
 

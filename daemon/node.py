@@ -35,21 +35,21 @@ from typing import Any, TextIO
 
 import torch
 
-from daemon.allreduce import Reducer
-from daemon.averager import GrpcAverager
-from daemon.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from daemon.config import DaemonConfig, adopt_run_config, parse_host_port
-from daemon.context import PeerContext
-from daemon.discovery import Discovery, PeerRecord, load_or_create_key, start_dht
-from daemon.faults import FaultPlan
-from daemon.live import LiveView
-from daemon.matchmaking import GroupRegistry, Matchmaker
-from daemon.network import NetworkThread, start_server
-from daemon.resolve import ResolveError, resolve_joins
-from daemon.rpc import peer_pb2 as pb
-from daemon.rpc import peer_pb2_grpc
-from daemon.service import PeerService
-from daemon.state_transfer import (
+from locod.daemon.allreduce import Reducer
+from locod.daemon.averager import GrpcAverager
+from locod.daemon.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from locod.daemon.config import DaemonConfig, adopt_run_config, parse_host_port
+from locod.daemon.context import PeerContext
+from locod.daemon.discovery import Discovery, PeerRecord, load_or_create_key, start_dht
+from locod.daemon.faults import FaultPlan
+from locod.daemon.live import LiveView
+from locod.daemon.matchmaking import GroupRegistry, Matchmaker
+from locod.daemon.network import NetworkThread, start_server
+from locod.daemon.resolve import ResolveError, resolve_joins
+from locod.daemon.rpc import peer_pb2 as pb
+from locod.daemon.rpc import peer_pb2_grpc
+from locod.daemon.service import PeerService
+from locod.daemon.state_transfer import (
     DownloadError,
     Progress,
     Snapshot,
@@ -57,13 +57,13 @@ from daemon.state_transfer import (
     download_state,
     tensor_bytes,
 )
-from daemon.status import FragmentFigures, StatusBoard, StatusService
-from peer.averaging import FragmentState
-from peer.data import BatchSampler, Corpus, CorpusError, heldout_batches, load_corpus
-from peer.fragments import assign_flat, next_sync_step, partition
-from peer.inner import InnerTrainer, evaluate
-from peer.model import ByteTransformer, build_model, model_config
-from peer.streaming import StreamingDiLoCo
+from locod.daemon.status import FragmentFigures, StatusBoard, StatusService
+from locod.peer.averaging import FragmentState
+from locod.peer.data import BatchSampler, Corpus, CorpusError, heldout_batches, load_corpus
+from locod.peer.fragments import assign_flat, next_sync_step, partition
+from locod.peer.inner import InnerTrainer, evaluate
+from locod.peer.model import ByteTransformer, build_model, model_config
+from locod.peer.streaming import StreamingDiLoCo
 
 REFRESH_S = 5.0
 INFO_FILE = "daemon.json"

@@ -3,7 +3,7 @@
 A DHT multiaddr (``/ip4/.../tcp/.../p2p/...``) is long and changes when a peer restarts
 with a new DHT identity; a gRPC address is what people remember and put in compose files.
 The daemon must not create any gRPC object before the DHT process is forked, so the lookup
-runs in a short-lived subprocess (``python -m daemon.resolve HOST:PORT``) that asks the
+runs in a short-lived subprocess (``python -m locod.daemon.resolve HOST:PORT``) that asks the
 peer's ``Ping`` for its DHT multiaddrs.
 """
 
@@ -31,7 +31,7 @@ def resolve_joins(joins: tuple[str, ...] | list[str], timeout_s: float) -> list[
             continue
         try:
             out = subprocess.run(
-                [sys.executable, "-m", "daemon.resolve", value, str(timeout_s)],
+                [sys.executable, "-m", "locod.daemon.resolve", value, str(timeout_s)],
                 capture_output=True,
                 text=True,
                 timeout=timeout_s + 30,
@@ -48,7 +48,7 @@ def resolve_joins(joins: tuple[str, ...] | list[str], timeout_s: float) -> list[
 def _lookup(address: str, timeout_s: float) -> list[str]:
     import grpc
 
-    from daemon.rpc import peer_pb2, peer_pb2_grpc
+    from locod.daemon.rpc import peer_pb2, peer_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         stub = peer_pb2_grpc.PeerStub(channel)

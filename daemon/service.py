@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc import aio
 
-from daemon.allreduce import Reducer
-from daemon.context import PeerContext
-from daemon.matchmaking import GroupRegistry
-from daemon.rpc import peer_pb2 as pb
-from daemon.rpc import peer_pb2_grpc
-from daemon.state_transfer import StateServer
+from locod.daemon.allreduce import Reducer
+from locod.daemon.context import PeerContext
+from locod.daemon.matchmaking import GroupRegistry
+from locod.daemon.rpc import peer_pb2 as pb
+from locod.daemon.rpc import peer_pb2_grpc
+from locod.daemon.state_transfer import StateServer
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):

@@ -20,12 +20,12 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from peer.codec import WireFormat
-from peer.config import LATE_POLICIES, OuterConfig
-from peer.fragments import LAYOUTS
-from peer.inner import INNER_OPTIMIZERS, InnerConfig
-from peer.model import MODEL_PRESETS
-from peer.quantize import CODECS
+from locod.peer.codec import WireFormat
+from locod.peer.config import LATE_POLICIES, OuterConfig
+from locod.peer.fragments import LAYOUTS
+from locod.peer.inner import INNER_OPTIMIZERS, InnerConfig
+from locod.peer.model import MODEL_PRESETS
+from locod.peer.quantize import CODECS
 
 F = TypeVar("F", bound=Callable[..., Any])
 Scope = Literal["run", "peer"]

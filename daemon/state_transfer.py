@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from grpc import aio
 
-from daemon.context import PeerContext
-from daemon.rpc import peer_pb2 as pb
-from daemon.rpc import peer_pb2_grpc
+from locod.daemon.context import PeerContext
+from locod.daemon.rpc import peer_pb2 as pb
+from locod.daemon.rpc import peer_pb2_grpc
 
 STATE_CHUNK_BYTES = 1024 * 1024
 MAX_CONCURRENT_CHUNKS = 4

@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from daemon.context import PeerContext
-from daemon.rpc import status_pb2 as spb
-from daemon.rpc import status_pb2_grpc
+from locod.daemon.context import PeerContext
+from locod.daemon.rpc import status_pb2 as spb
+from locod.daemon.rpc import status_pb2_grpc
 
 
 @dataclass(slots=True)
@@ -152,7 +152,7 @@ def query_status(
     """Ask the daemon at ``address`` for its status, as a JSON-ready dict."""
     import asyncio
 
-    from daemon.auth import client_interceptors
+    from locod.daemon.auth import client_interceptors
 
     async def ask() -> spb.StatusReply:
         interceptors = client_interceptors(key, "locod-status")

@@ -45,7 +45,15 @@ from dataclasses import dataclass
 import torch
 import zstandard
 
-from peer.quantize import CODECS, ROUNDINGS, Quantized, codes_len, dequantize, num_blocks, quantize
+from locod.peer.quantize import (
+    CODECS,
+    ROUNDINGS,
+    Quantized,
+    codes_len,
+    dequantize,
+    num_blocks,
+    quantize,
+)
 
 MAGIC = b"LQ"
 VERSION = 1

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peer.codec import WireFormat
-from peer.fragments import LAYOUTS
+from locod.peer.codec import WireFormat
+from locod.peer.fragments import LAYOUTS
 
 LATE_POLICIES = ("apply", "skip")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peer.model import ByteTransformer
+from locod.peer.model import ByteTransformer
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
 

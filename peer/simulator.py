@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from peer.averaging import SyncFailed, SyncOutcome, SyncRequest, SyncResult
-from peer.codec import WireFormat, decode, encode
-from peer.config import OuterConfig
-from peer.data import BatchSampler, Corpus, heldout_batches
-from peer.fragments import (
+from locod.peer.averaging import SyncFailed, SyncOutcome, SyncRequest, SyncResult
+from locod.peer.codec import WireFormat, decode, encode
+from locod.peer.config import OuterConfig
+from locod.peer.data import BatchSampler, Corpus, heldout_batches
+from locod.peer.fragments import (
     assign_flat,
     auto_fragment_count,
     flatten,
@@ -34,10 +34,10 @@ from peer.fragments import (
     validate_fragment_count,
     validate_schedule,
 )
-from peer.inner import InnerConfig, InnerTrainer, evaluate
-from peer.model import ByteTransformer, build_model, count_parameters, model_config
-from peer.outer import bounded_mean
-from peer.streaming import StreamingDiLoCo
+from locod.peer.inner import InnerConfig, InnerTrainer, evaluate
+from locod.peer.model import ByteTransformer, build_model, count_parameters, model_config
+from locod.peer.outer import bounded_mean
+from locod.peer.streaming import StreamingDiLoCo
 
 METHODS = ("ddp", "diloco", "streaming")
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from peer.averaging import Averager, FragmentState, SyncFailed, SyncRequest, SyncResult
-from peer.config import OuterConfig
-from peer.fragments import (
+from locod.peer.averaging import Averager, FragmentState, SyncFailed, SyncRequest, SyncResult
+from locod.peer.config import OuterConfig
+from locod.peer.fragments import (
     Fragment,
     assign_flat,
     flatten,
@@ -35,7 +35,7 @@ from peer.fragments import (
     round_at,
     validate_schedule,
 )
-from peer.outer import merge, nesterov_step, outer_gradient, tensor_hash
+from locod.peer.outer import merge, nesterov_step, outer_gradient, tensor_hash
 
 
 @dataclass(slots=True)

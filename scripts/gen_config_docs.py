@@ -14,8 +14,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon.config import DAEMON  # noqa: E402
-from daemon.settings import ALGORITHM, Setting  # noqa: E402
+from locod.daemon.config import DAEMON  # noqa: E402
+from locod.daemon.settings import ALGORITHM, Setting  # noqa: E402
 
 TARGET = ROOT / "docs" / "configuration.md"
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.status import StatusUnavailable, query_status
+from locod.daemon.status import StatusUnavailable, query_status
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCOD = [sys.executable, "-m", "daemon"]
+LOCOD = [sys.executable, "-m", "locod"]
 
 TINY_RUN = [
     "--model",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from peer.data import Corpus
+from locod.peer.data import Corpus
 
 
 def random_text_corpus(size: int = 200_000, seed: int = 0) -> Corpus:

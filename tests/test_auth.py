@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from cluster import Cluster
 
-from daemon.auth import sign, verify
-from daemon.status import StatusUnavailable, query_status
+from locod.daemon.auth import sign, verify
+from locod.daemon.status import StatusUnavailable, query_status
 
 
 def test_hmac_header_round_trip_and_refusals() -> None:

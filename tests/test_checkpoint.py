@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from locod.daemon.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_round_trip(tmp_path: Path) -> None:

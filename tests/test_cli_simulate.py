@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 from helpers import SIMULATION_RESULT_KEYS
 
-from daemon.cli import locod
+from locod.daemon.cli import locod
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

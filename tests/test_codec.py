@@ -18,7 +18,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.codec import (
+from locod.peer.codec import (
     HEADER_SIZE,
     CodecError,
     WireFormat,
@@ -28,7 +28,7 @@ from peer.codec import (
     raw_body_len,
     read_header,
 )
-from peer.quantize import CODECS, ROUNDINGS, dequantize, quantize
+from locod.peer.quantize import CODECS, ROUNDINGS, dequantize, quantize
 
 CODEC_IDS = {"fp4": 1, "int8": 2, "bf16": 3, "fp32": 4}
 _PREFIX = struct.Struct("<2sBBBBIQI")  # the header up to, not including, the crc32

@@ -146,7 +146,7 @@ def test_sigterm_stops_every_daemon_cleanly_and_promptly(finished_trio: Cluster)
 
 def test_python_m_daemon_is_locod() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "daemon", "--help"],
+        [sys.executable, "-m", "locod", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from daemon.allreduce import max_payload_bytes, part_bounds
-from daemon.config import differing_settings
-from daemon.context import PeerContext
-from daemon.discovery import PeerRecord
-from daemon.faults import FaultPlan, parse_fault
-from daemon.matchmaking import Group, GroupRegistry, RoundFailed, make_group
-from daemon.rpc import peer_pb2 as pb
-from peer.codec import WireFormat, decode, encode
+from locod.daemon.allreduce import max_payload_bytes, part_bounds
+from locod.daemon.config import differing_settings
+from locod.daemon.context import PeerContext
+from locod.daemon.discovery import PeerRecord
+from locod.daemon.faults import FaultPlan, parse_fault
+from locod.daemon.matchmaking import Group, GroupRegistry, RoundFailed, make_group
+from locod.daemon.rpc import peer_pb2 as pb
+from locod.peer.codec import WireFormat, decode, encode
 
 
 @pytest.mark.parametrize(

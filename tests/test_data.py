@@ -12,8 +12,8 @@ import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from peer import data
-from peer.data import (
+from locod.peer import data
+from locod.peer.data import (
     BatchSampler,
     Corpus,
     CorpusError,

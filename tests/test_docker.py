@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from daemon.cli import locod
+from locod.daemon.cli import locod
 
 ROOT = Path(__file__).resolve().parent.parent
 

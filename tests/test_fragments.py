@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from peer.fragments import (
+from locod.peer.fragments import (
     assign_flat,
     auto_fragment_count,
     block_fragment,
@@ -20,7 +20,7 @@ from peer.fragments import (
     sync_step,
     validate_schedule,
 )
-from peer.model import build_model, model_config
+from locod.peer.model import build_model, model_config
 
 
 @pytest.mark.parametrize("num_fragments", [1, 2, 3, 5])

@@ -34,7 +34,7 @@ def test_configuration_reference_matches_the_settings() -> None:
 
 
 def test_every_setting_is_documented_by_name() -> None:
-    from daemon.config import START_SETTINGS
+    from locod.daemon.config import START_SETTINGS
 
     text = (ROOT / "docs" / "configuration.md").read_text()
     for setting in START_SETTINGS:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from peer.inner import InnerConfig, InnerTrainer, build_optimizer, evaluate, learning_rate
-from peer.model import VOCAB_SIZE, ByteTransformer, build_model, model_config
+from locod.peer.inner import InnerConfig, InnerTrainer, build_optimizer, evaluate, learning_rate
+from locod.peer.model import VOCAB_SIZE, ByteTransformer, build_model, model_config
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from peer.model import (
+from locod.peer.model import (
     MODEL_PRESETS,
     VOCAB_SIZE,
     ByteTransformer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.outer import (
+from locod.peer.outer import (
     bounded_mean,
     merge,
     nesterov_step,

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import peer.quantize
-from peer.quantize import (
+import locod.peer.quantize
+from locod.peer.quantize import (
     CODECS,
     ROUNDINGS,
     Quantized,
@@ -199,7 +199,7 @@ def test_result_does_not_depend_on_chunking(
     where the chunks fall must not change a single bit of the nearest-rounded result."""
     x = torch.randn(1001, generator=_gen(4)) * torch.exp(torch.randn(1001, generator=_gen(5)) * 3)
     whole = {codec: quantize(x, codec, block_size=block_size) for codec in CODECS}
-    monkeypatch.setattr(peer.quantize, "_CHUNK", 128)  # about 8 chunks
+    monkeypatch.setattr(locod.peer.quantize, "_CHUNK", 128)  # about 8 chunks
     for codec in CODECS:
         q = quantize(x, codec, block_size=block_size)
         assert torch.equal(q.codes.view(torch.uint8), whole[codec].codes.view(torch.uint8))

@@ -10,15 +10,15 @@ import pytest
 import torch
 from helpers import SIMULATION_RESULT_KEYS, random_text_corpus
 
-from peer.averaging import SyncFailed, SyncRequest, SyncResult
-from peer.codec import WireFormat, encode
-from peer.config import OuterConfig
-from peer.data import BatchSampler, Corpus
-from peer.fragments import partition
-from peer.inner import InnerConfig, InnerTrainer
-from peer.model import build_model, count_parameters, model_config
-from peer.simulator import METHODS, InMemoryHub, SimulationConfig, SimulationResult, simulate
-from peer.streaming import StreamingDiLoCo
+from locod.peer.averaging import SyncFailed, SyncRequest, SyncResult
+from locod.peer.codec import WireFormat, encode
+from locod.peer.config import OuterConfig
+from locod.peer.data import BatchSampler, Corpus
+from locod.peer.fragments import partition
+from locod.peer.inner import InnerConfig, InnerTrainer
+from locod.peer.model import build_model, count_parameters, model_config
+from locod.peer.simulator import METHODS, InMemoryHub, SimulationConfig, SimulationResult, simulate
+from locod.peer.streaming import StreamingDiLoCo
 
 CPU = torch.device("cpu")
 FP32 = WireFormat(codec="fp32", zstd_level=0)

@@ -13,14 +13,14 @@ import copy
 import torch
 from helpers import random_text_corpus
 
-from peer.codec import WireFormat
-from peer.config import OuterConfig
-from peer.data import BatchSampler
-from peer.fragments import assign_flat, flatten, fragments_due, partition
-from peer.inner import InnerConfig, InnerTrainer
-from peer.model import ByteTransformer, build_model, model_config
-from peer.simulator import InMemoryHub
-from peer.streaming import StreamingDiLoCo
+from locod.peer.codec import WireFormat
+from locod.peer.config import OuterConfig
+from locod.peer.data import BatchSampler
+from locod.peer.fragments import assign_flat, flatten, fragments_due, partition
+from locod.peer.inner import InnerConfig, InnerTrainer
+from locod.peer.model import ByteTransformer, build_model, model_config
+from locod.peer.simulator import InMemoryHub
+from locod.peer.streaming import StreamingDiLoCo
 
 CPU = torch.device("cpu")
 FP32 = WireFormat(codec="fp32", zstd_level=0)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from peer.averaging import FragmentState, SyncFailed, SyncOutcome, SyncRequest, SyncResult
-from peer.codec import WireFormat
-from peer.config import OuterConfig
-from peer.fragments import Fragment, flatten
-from peer.streaming import StreamingDiLoCo
+from locod.peer.averaging import FragmentState, SyncFailed, SyncOutcome, SyncRequest, SyncResult
+from locod.peer.codec import WireFormat
+from locod.peer.config import OuterConfig
+from locod.peer.fragments import Fragment, flatten
+from locod.peer.streaming import StreamingDiLoCo
 
 
 @dataclass
