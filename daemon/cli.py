@@ -179,7 +179,7 @@ def start(ctx: click.Context, config_file: Path | None, check: bool, **options: 
         from locod.daemon.faults import FaultPlan
 
         try:
-            FaultPlan.parse(cfg.faults)
+            FaultPlan.parse(cfg.site.faults)
         except ValueError as error:
             raise click.UsageError(str(error)) from error
         click.echo(f"configuration is valid (run config hash {cfg.run.hash})")
@@ -217,7 +217,7 @@ def start(ctx: click.Context, config_file: Path | None, check: bool, **options: 
 )
 def status(address: str | None, as_json: bool, state_dir: Path, key: str, timeout_s: float) -> None:
     """Show what the daemon at ADDRESS (HOST:PORT) is doing."""
-    from locod.daemon.node import read_info
+    from locod.daemon.info import read_info
     from locod.daemon.status import StatusUnavailable, query_status, render_status
 
     if address is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,25 +156,51 @@ START_SETTINGS: tuple[Setting, ...] = ALGORITHM + DAEMON
 RUN_KEYS = tuple(s.name for s in ALGORITHM if s.scope == "run")
 """Settings every peer of a run must share: the run config."""
 
+TRAINER_KEYS = ("max_steps", "linger", "eval_every", "eval_batches", "live")
+"""Settings of the built-in training loop (``locod start``), not of the site."""
 
-@dataclass(kw_only=True, slots=True)
+SITE_SETTINGS: tuple[Setting, ...] = tuple(s for s in DAEMON if s.name not in TRAINER_KEYS)
+"""Settings of one site's network side: what ``locod.found`` / ``locod.join`` take."""
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
-    """What every peer of a run must agree on."""
+    """What every peer of a run must agree on: the run-scoped settings, 'auto' resolved.
 
-    model: str
-    seed: int
-    inner_steps: int
-    fragments: int
-    layout: str
-    overlap: int
-    alpha: float
-    outer_lr: float
-    outer_momentum: float
-    wire: str
-    wire_block: int
+    ``values`` holds one entry per run-scoped setting of :data:`daemon.settings.ALGORITHM`;
+    ``model_hash`` fingerprints the model's structure (parameter names, shapes, dtypes),
+    so that peers training different models cannot meet in one run even when both call
+    their model ``custom``.
+    """
+
+    values: dict[str, Any]
+    model_hash: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def model(self) -> str:
+        return str(self.values["model"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.values["seed"])
+
+    @property
+    def inner_steps(self) -> int:
+        return int(self.values["inner_steps"])
+
+    @property
+    def fragments(self) -> int:
+        return int(self.values["fragments"])
+
+    @property
+    def layout(self) -> str:
+        return str(self.values["layout"])
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**self.values, "model_hash": self.model_hash}
 
     @property
     def hash(self) -> str:
@@ -182,11 +208,18 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data))
+        """A run config as published by a peer; ValueError if it lacks a setting we need."""
+        missing = sorted(set(RUN_KEYS) - set(data))
         if missing:
             raise ValueError(f"run config is missing {', '.join(missing)}")
-        return cls(**{name: data[name] for name in names})
+        return cls(
+            values={key: data[key] for key in RUN_KEYS},
+            model_hash=str(data.get("model_hash", "")),
+        )
+
+    def replace(self, **changes: Any) -> RunConfig:
+        model_hash = changes.pop("model_hash", self.model_hash)
+        return RunConfig(values={**self.values, **changes}, model_hash=model_hash)
 
 
 def config_hash(run_config: dict[str, Any]) -> str:
@@ -195,12 +228,16 @@ def config_hash(run_config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run_config_from(values: dict[str, Any]) -> RunConfig:
-    """The run config for resolved settings, with 'auto' fragments made concrete."""
+def run_config_from(values: dict[str, Any], *, num_blocks: int | None = None) -> RunConfig:
+    """The run config for resolved settings, with 'auto' fragments made concrete.
+
+    ``num_blocks`` is the model's number of transformer blocks; it defaults to the preset's.
+    """
     data = {key: values[key] for key in RUN_KEYS}
     if data["fragments"] == 0:
-        data["fragments"] = auto_fragment_count(model_config(data["model"]).n_layers)
-    return RunConfig(**data)
+        blocks = model_config(data["model"]).n_layers if num_blocks is None else num_blocks
+        data["fragments"] = auto_fragment_count(blocks)
+    return RunConfig(values=data)
 
 
 def differing_settings(
@@ -213,46 +250,38 @@ def differing_settings(
             if key == "fragments" and ours.get(key) == 0:
                 continue  # "auto" agrees with whatever the run resolved it to
             lines.append(f"{key}: this peer has {ours.get(key)!r}, the run has {run[key]!r}")
+    if ours.get("model_hash") and run.get("model_hash") and ours["model_hash"] != run["model_hash"]:
+        lines.append(
+            f"model: this peer's model has structure {ours['model_hash']}, the run's "
+            f"{run['model_hash']} (different parameter names, shapes or dtypes)"
+        )
     return lines
 
 
 @dataclass(kw_only=True, slots=True)
-class DaemonConfig:
-    """Everything ``locod start`` runs with, validated."""
+class SiteConfig:
+    """One site's network side: identity, addresses, security, deadlines, state dir."""
 
-    run_name: str
-    join: tuple[str, ...]
-    listen: str
-    announce: str
-    dht_listen: str
-    dht_announce: str
-    state_dir: Path
-    client_only: bool
-    max_steps: int
-    linger: bool
-    min_peers: int
-    key: str
-    tls_cert: Path | None
-    tls_key: Path | None
-    tls_ca: Path | None
-    connect_timeout_s: float
-    matchmaking_window_s: float
-    chunk_timeout_s: float
-    round_timeout_s: float
-    eval_every: int
-    eval_batches: int
-    checkpoint_every_s: float
-    log_level: str
-    live: bool
-    faults: tuple[str, ...]
-    data: tuple[str, ...]
-    cache_dir: Path | None
-    device: str
-    run: RunConfig
-    inner: InnerConfig
-    outer: OuterConfig
-    explicit: frozenset[str] = field(default_factory=frozenset)
-    values: dict[str, Any] = field(default_factory=dict)
+    run_name: str = DEFAULT_RUN
+    join: tuple[str, ...] = ()
+    listen: str = "0.0.0.0:0"
+    announce: str = ""
+    dht_listen: str = "/ip4/0.0.0.0/tcp/0"
+    dht_announce: str = ""
+    state_dir: Path = Path("locod-state")
+    client_only: bool = False
+    min_peers: int = 1
+    key: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    connect_timeout_s: float = 5.0
+    matchmaking_window_s: float = 5.0
+    chunk_timeout_s: float = 10.0
+    round_timeout_s: float = 60.0
+    checkpoint_every_s: float = 300.0
+    log_level: str = "info"
+    faults: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.run_name or any(c in self.run_name for c in "/ \t\n"):
@@ -268,14 +297,87 @@ class DaemonConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.min_peers < 1:
-            raise ValueError("max_steps must be 0 or more and min_peers at least 1")
+        if self.min_peers < 1:
+            raise ValueError(f"min_peers must be at least 1, got {self.min_peers}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
-        if self.eval_every < 0 or self.eval_batches < 1 or self.checkpoint_every_s < 0:
-            raise ValueError(
-                "eval_every and checkpoint_every must be 0 or more, eval_batches at least 1"
-            )
+        if self.checkpoint_every_s < 0:
+            raise ValueError(f"checkpoint_every must be 0 or more, got {self.checkpoint_every_s}")
+
+    @property
+    def private(self) -> bool:
+        return bool(self.key)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> SiteConfig:
+        """From resolved setting values (names as in :data:`SITE_SETTINGS`)."""
+        return cls(
+            run_name=values["run"],
+            join=tuple(values["join"]),
+            listen=values["listen"],
+            announce=values["announce"],
+            dht_listen=values["dht_listen"],
+            dht_announce=values["dht_announce"],
+            state_dir=Path(values["state_dir"]),
+            client_only=values["client_only"],
+            min_peers=values["min_peers"],
+            key=values["key"],
+            tls_cert=values["tls_cert"],
+            tls_key=values["tls_key"],
+            tls_ca=values["tls_ca"],
+            connect_timeout_s=values["connect_timeout_s"],
+            matchmaking_window_s=values["matchmaking_window_s"],
+            chunk_timeout_s=values["chunk_timeout_s"],
+            round_timeout_s=values["round_timeout_s"],
+            checkpoint_every_s=values["checkpoint_every_s"],
+            log_level=values["log_level"],
+            faults=tuple(values["fault"]),
+        )
+
+
+def site_config(**settings: Any) -> SiteConfig:
+    """A :class:`SiteConfig` from keyword settings named as in :data:`SITE_SETTINGS`
+    (``run=``, ``join=``, ``state_dir=``, ...); the rest take their defaults.
+
+    The library API's way in: the same names, defaults and checks as ``locod start``.
+    """
+    by_name = {s.name: s for s in SITE_SETTINGS}
+    unknown = sorted(set(settings) - set(by_name))
+    if unknown:
+        raise TypeError(
+            f"unknown site setting(s) {', '.join(unknown)}; known: {', '.join(sorted(by_name))}"
+        )
+    values = {name: s.default for name, s in by_name.items()} | settings
+    if isinstance(values["join"], str):
+        values["join"] = (values["join"],)
+    return SiteConfig.from_values(values)
+
+
+@dataclass(kw_only=True, slots=True)
+class DaemonConfig:
+    """Everything ``locod start`` runs with, validated: the site, the built-in trainer,
+    and the algorithm."""
+
+    site: SiteConfig
+    max_steps: int
+    linger: bool
+    eval_every: int
+    eval_batches: int
+    live: bool
+    data: tuple[str, ...]
+    cache_dir: Path | None
+    device: str
+    run: RunConfig
+    inner: InnerConfig
+    outer: OuterConfig
+    explicit: frozenset[str] = field(default_factory=frozenset)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be 0 or more, got {self.max_steps}")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ValueError("eval_every must be 0 or more, eval_batches at least 1")
         mcfg = model_config(self.run.model)
         validate_fragment_count(self.run.fragments, mcfg.n_layers)
         validate_schedule(self.run.inner_steps, self.run.fragments)
@@ -284,10 +386,6 @@ class DaemonConfig:
                 f"seq_len {self.inner.seq_len} exceeds model {self.run.model}'s maximum "
                 f"{mcfg.max_seq_len}"
             )
-
-    @property
-    def private(self) -> bool:
-        return bool(self.key)
 
     def loggable(self) -> dict[str, Any]:
         """The effective settings, secrets masked, for the start-up log."""
@@ -315,31 +413,12 @@ def build_daemon_config(values: dict[str, Any], explicit: frozenset[str]) -> Dae
         run = run_config_from(values)
         outer.fragments = run.fragments
         return DaemonConfig(
-            run_name=values["run"],
-            join=tuple(values["join"]),
-            listen=values["listen"],
-            announce=values["announce"],
-            dht_listen=values["dht_listen"],
-            dht_announce=values["dht_announce"],
-            state_dir=Path(values["state_dir"]),
-            client_only=values["client_only"],
+            site=SiteConfig.from_values(values),
             max_steps=values["max_steps"],
             linger=values["linger"],
-            min_peers=values["min_peers"],
-            key=values["key"],
-            tls_cert=values["tls_cert"],
-            tls_key=values["tls_key"],
-            tls_ca=values["tls_ca"],
-            connect_timeout_s=values["connect_timeout_s"],
-            matchmaking_window_s=values["matchmaking_window_s"],
-            chunk_timeout_s=values["chunk_timeout_s"],
-            round_timeout_s=values["round_timeout_s"],
             eval_every=values["eval_every"],
             eval_batches=values["eval_batches"],
-            checkpoint_every_s=values["checkpoint_every_s"],
-            log_level=values["log_level"],
             live=values["live"],
-            faults=tuple(values["fault"]),
             data=tuple(values["data"]),
             cache_dir=values["cache_dir"],
             device=values["device"],

@@ -16,7 +16,7 @@ import grpc
 from grpc import aio
 
 from locod.daemon.auth import client_interceptors
-from locod.daemon.config import PROTOCOL_VERSION, DaemonConfig
+from locod.daemon.config import PROTOCOL_VERSION, SiteConfig
 from locod.daemon.discovery import PeerRecord
 from locod.daemon.faults import FaultPlan
 
@@ -44,7 +44,7 @@ class Traffic:
 class PeerContext:
     """Identity and shared services of one daemon's network side."""
 
-    cfg: DaemonConfig
+    cfg: SiteConfig
     peer_id: str
     address: str
     """Announced gRPC address ('' when client-only)."""
@@ -149,6 +149,12 @@ class PeerContext:
             ),
             key=lambda r: (r.joined_at, r.peer_id),
         )
+
+    def ready_peers(self) -> list[PeerRecord]:
+        """Live peers that hold the run's state and train, in leader order: only they lead
+        rounds, serve state, or are waited for in a group (a newcomer still downloading is
+        none of these)."""
+        return [r for r in self.live_peers() if r.ready]
 
     def has_left(self, record: PeerRecord) -> bool:
         left_at = self.left.get(record.peer_id)

@@ -177,7 +177,7 @@ class GroupRegistry:
         )
 
     def _complete(self, pending: _Pending) -> bool:
-        expected = {r.peer_id for r in self.ctx.live_peers()}
+        expected = {r.peer_id for r in self.ctx.ready_peers()}
         return expected <= set(pending.members)
 
     async def _close_later(self, key: tuple[int, int]) -> None:
@@ -245,7 +245,7 @@ class Matchmaker:
             leader = next(
                 (
                     r
-                    for r in self.ctx.live_peers()
+                    for r in self.ctx.ready_peers()
                     if not r.client_only and r.peer_id not in tried and r.address
                 ),
                 None,

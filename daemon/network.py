@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
+import logging
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -20,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from locod.daemon.auth import ServerAuth
-from locod.daemon.config import DaemonConfig
+from locod.daemon.config import SiteConfig
 from locod.daemon.context import MAX_MESSAGE_BYTES
 from locod.daemon.rpc import peer_pb2, peer_pb2_grpc, status_pb2, status_pb2_grpc
 from locod.daemon.service import PeerService
@@ -41,7 +43,22 @@ class NetworkThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._on_loop_error)
         self._thread = threading.Thread(target=self._run, name="locod-network", daemon=True)
+        self._stopping = False
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Errors no task caught go to the log, not to stderr as a traceback.
+
+        While the loop stops, gRPC's completion-queue poller can fire once more on a file
+        descriptor its shutdown already closed (EBADF): harmless, and not worth a line.
+        """
+        error = context.get("exception")
+        if self._stopping and isinstance(error, OSError) and error.errno == errno.EBADF:
+            return
+        logging.getLogger("locod").warning(
+            "network loop: %s%s", context.get("message", "error"), f": {error!r}" if error else ""
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -57,6 +74,7 @@ class NetworkThread:
         return self.submit(coro).result(timeout=timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping = True
         if not self._thread.is_alive():
             return
 
@@ -73,7 +91,7 @@ class NetworkThread:
 
 
 async def start_server(
-    cfg: DaemonConfig, peer_service: PeerService, status_service: StatusService
+    cfg: SiteConfig, peer_service: PeerService, status_service: StatusService
 ) -> tuple[aio.Server, int]:
     """Serve the peer, status, health and reflection services; returns (server, port)."""
     interceptors = [ServerAuth(cfg.key)] if cfg.key else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 from grpc import aio
@@ -16,22 +17,38 @@ from locod.daemon.rpc import peer_pb2_grpc
 from locod.daemon.state_transfer import StateServer
 
 
-class PeerService(peer_pb2_grpc.PeerServicer):
-    """Checks every request against the run before handing it to the part that owns it."""
+@dataclass(frozen=True, slots=True)
+class RoundSide:
+    """What serves rounds and state: it exists once a model is attached to the site."""
 
-    def __init__(
-        self,
-        ctx: PeerContext,
-        registry: GroupRegistry,
-        reducer: Reducer,
-        state: StateServer,
-        fragment_count: int,
-    ) -> None:
+    registry: GroupRegistry
+    reducer: Reducer
+    state: StateServer
+    fragment_count: int
+
+
+class PeerService(peer_pb2_grpc.PeerServicer):
+    """Checks every request against the run before handing it to the part that owns it.
+
+    The server starts before a model is attached (so that status, health and ``Ping``
+    answer while a site starts); until :meth:`attach`, calls about rounds and state are
+    refused with UNAVAILABLE.
+    """
+
+    def __init__(self, ctx: PeerContext) -> None:
         self.ctx = ctx
-        self.registry = registry
-        self.reducer = reducer
-        self.state = state
-        self.fragment_count = fragment_count
+        self._side: RoundSide | None = None
+
+    def attach(self, side: RoundSide) -> None:
+        self._side = side
+
+    async def _attached(self, context: aio.ServicerContext) -> RoundSide:
+        if self._side is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this peer is starting: it has no model yet"
+            )
+            raise AssertionError("unreachable")
+        return self._side
 
     async def _check_run(self, run: str, context: aio.ServicerContext) -> None:
         if run != self.ctx.cfg.run_name:
@@ -55,6 +72,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self, request: pb.JoinRequest, context: aio.ServicerContext
     ) -> pb.GroupReply:
         await self._check_run(request.run, context)
+        side = await self._attached(context)
         refusal = ""
         if request.protocol != self.ctx.protocol:
             refusal = f"protocol {request.protocol} is not this peer's {self.ctx.protocol}"
@@ -63,35 +81,38 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 f"run config {request.config_hash} differs from the run's "
                 f"{self.ctx.config_hash}; restart without the differing flags"
             )
-        elif not 0 <= request.fragment < self.fragment_count or request.round < 0:
+        elif not 0 <= request.fragment < side.fragment_count or request.round < 0:
             refusal = f"no fragment {request.fragment} / round {request.round} in this run"
         elif not request.member.peer_id:
             refusal = "the request names no member"
         if refusal:
             return pb.GroupReply(status=pb.GroupReply.REFUSED, message=refusal)
-        return await self.registry.join(request.fragment, request.round, request.member)
+        return await side.registry.join(request.fragment, request.round, request.member)
 
     async def Reduce(
         self, request_iterator: AsyncIterator[pb.ReduceMessage], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ReduceMessage]:
+        side = await self._attached(context)
         if self.ctx.client_only:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "client-only peer")
-        async for message in self.reducer.serve(request_iterator, context):
+        async for message in side.reducer.serve(request_iterator, context):
             yield message
 
     async def GetStateManifest(
         self, request: pb.StateManifestRequest, context: aio.ServicerContext
     ) -> pb.StateManifest:
         await self._check_run(request.run, context)
-        if any(not 0 <= p < self.fragment_count for p in request.fragments):
+        side = await self._attached(context)
+        if any(not 0 <= p < side.fragment_count for p in request.fragments):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown fragment")
-        return await self.state.manifest(request)
+        return await side.state.manifest(request)
 
     async def GetStateChunk(
         self, request: pb.StateChunkRequest, context: aio.ServicerContext
     ) -> pb.StateChunk:
         await self._check_run(request.run, context)
-        return await self.state.chunk(request, context)
+        side = await self._attached(context)
+        return await side.state.chunk(request, context)
 
     async def Leave(self, request: pb.LeaveNotice, context: aio.ServicerContext) -> pb.Ack:
         await self._check_run(request.run, context)

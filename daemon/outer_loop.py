@@ -1,0 +1,435 @@
+"""Streaming DiLoCo around any model on a live site: the loop that the library API and
+``locod start`` both drive.
+
+::
+
+    with locod.found(run="my-run") as site:
+        outer = site.streaming_diloco(model, inner_steps=100)
+        for batch in loader:
+            loss = model(...); loss.backward(); opt.step(); opt.zero_grad()
+            outer.step(tokens=batch_tokens)
+
+:func:`attach` derives the model's fragments (its repeated blocks), settles the run
+config (a joiner adopts the run's; a setting given on purpose that contradicts it, or a
+model of another structure, is refused naming every difference), restores the outer state
+from the site's checkpoint, takes the run's current state when joining, and marks the
+site ready. :meth:`OuterLoop.step` then runs after every inner step: count tokens, send
+the fragments due (``prepare``), apply the results due τ steps after their send
+(``perform``), catch up when this peer came late to its groups, publish figures, and
+checkpoint the outer state every ``checkpoint_every_s``. The user's inner optimizer and
+its state stay theirs; what else goes in the checkpoint is up to ``checkpoint_extra``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from locod.daemon.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from locod.daemon.config import RUN_KEYS, RunConfig, differing_settings, run_config_from
+from locod.daemon.settings import ALGORITHM, build_algorithm
+from locod.daemon.state_transfer import DownloadError
+from locod.daemon.status import FragmentFigures
+from locod.peer.averaging import SyncOutcome, SyncRequest
+from locod.peer.config import OuterConfig
+from locod.peer.fragments import Fragment, assign_flat, next_sync_step, partition
+from locod.peer.streaming import StreamingDiLoCo
+
+if TYPE_CHECKING:
+    from locod.daemon.site import Site
+
+RESERVED_CHECKPOINT_KEYS = frozenset({"format", "run_config", "step", "tokens", "outer"})
+"""Keys of a checkpoint that belong to the outer loop; ``checkpoint_extra`` adds others."""
+
+CUSTOM_MODEL = "custom"
+"""The ``model`` run setting of a model the user built (its structure hash tells it apart)."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's structure: trainable parameter names, shapes and dtypes.
+
+    Peers training models of different structure must not meet in one run; this hash in
+    the run config makes such a joiner fail with a clear message instead of sending
+    outer gradients the others cannot decode.
+    """
+    described = [
+        (name, list(p.shape), str(p.dtype))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:12]
+
+
+def algorithm_values(options: dict[str, Any]) -> dict[str, Any]:
+    """Algorithm settings as named in :data:`daemon.settings.ALGORITHM`, defaults filled in;
+    TypeError for a name that is not one."""
+    by_name = {s.name: s for s in ALGORITHM}
+    unknown = sorted(set(options) - set(by_name))
+    if unknown:
+        raise TypeError(
+            f"unknown Streaming DiLoCo option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(by_name))}"
+        )
+    return {name: s.default for name, s in by_name.items()} | options
+
+
+class _NoAverager:
+    """Placeholder until the site serves rounds; no round can start before it."""
+
+    def start(self, request: SyncRequest) -> None:
+        raise RuntimeError("the site is not serving rounds yet")
+
+    def result(self, fragment: int, round_index: int, timeout_s: float) -> SyncOutcome | None:
+        return None
+
+    def abandon(self, fragment: int, round_index: int) -> None:
+        return None
+
+
+def attach(
+    site: Site,
+    model: nn.Module,
+    *,
+    blocks: Sequence[nn.Module] | None = None,
+    outer: OuterConfig | None = None,
+    values: dict[str, Any] | None = None,
+    explicit: frozenset[str] | None = None,
+    checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
+    restore_extra: Callable[[dict[str, Any]], None] | None = None,
+    stop: threading.Event | None = None,
+    **options: Any,
+) -> OuterLoop:
+    """Put ``model`` under Streaming DiLoCo on ``site`` and return the loop to step.
+
+    Options are the algorithm settings of ``locod start`` by name (``inner_steps``,
+    ``fragments``, ``overlap``, ``alpha``, ``outer_lr``, ``wire``, ...); those given are
+    *explicit*: a joiner whose explicit option contradicts the run's config is refused.
+    ``blocks`` are the model's repeated transformer blocks (default: ``model.blocks``).
+    ``locod start`` passes its resolved ``values``/``explicit`` and ``outer`` instead.
+    ``checkpoint_extra`` returns more state to keep in each checkpoint (the built-in
+    trainer's model, optimizer and data position); ``restore_extra`` gets it back.
+    """
+    if values is None:
+        values = algorithm_values(options)
+        explicit = frozenset(options)
+        values.setdefault("model", CUSTOM_MODEL)
+        if "model" not in options:
+            values["model"] = CUSTOM_MODEL
+    elif options:
+        raise TypeError("pass either values= or algorithm options, not both")
+    explicit = explicit or frozenset()
+    if blocks is None:
+        found = getattr(model, "blocks", None)
+        if not isinstance(found, nn.ModuleList | list | tuple):
+            raise TypeError(
+                "cannot tell the model's transformer blocks: pass blocks=[...] "
+                "(the repeated layers, e.g. model.model.layers)"
+            )
+        blocks = list(found)
+    fingerprint = model_fingerprint(model)
+    ours = run_config_from(values, num_blocks=len(blocks)).replace(model_hash=fingerprint)
+    run = _settle_run_config(site, ours, values, explicit)
+    if outer is None or run.values != ours.values:
+        _, outer = build_algorithm({**values, **run.values})
+    outer.fragments = run.fragments
+    checkpoint = _read_checkpoint(site)
+    if checkpoint is not None and checkpoint.get("run_config") != run.as_dict():
+        raise _start_error(
+            f"the checkpoint in {site.cfg.state_dir} belongs to a run with config "
+            f"{checkpoint.get('run_config')}, not {run.as_dict()}; use another "
+            "state dir or the run's settings"
+        )
+    fragments = partition(model, list(blocks), run.fragments, run.layout)
+    worker = StreamingDiLoCo(fragments, outer, _NoAverager(), log=site.log.info)
+    loop = OuterLoop(site, worker, run, checkpoint_extra=checkpoint_extra, stop=stop)
+    site.attach(worker, run, lambda: loop.inner_step)
+    if site.joining and not site.cfg.client_only:
+        _, membership = site.require()
+        membership.check_reachable()
+    if checkpoint is not None:
+        loop.restore(checkpoint)
+        if restore_extra is not None:
+            restore_extra(
+                {k: v for k, v in checkpoint.items() if k not in RESERVED_CHECKPOINT_KEYS}
+            )
+        if site.joining:
+            # Back after a restart: the run moved on. Take its current outer state (the
+            # inner optimizer and the data position are kept) before contributing (I5).
+            loop.take_run_state(required=False)
+    elif site.joining:
+        loop.take_run_state(required=True)
+    _, membership = site.require()
+    membership.wait_for_peers(site.cfg.min_peers, loop.stop_event, site.redraw)
+    site.board.update(state="training", note="")
+    return loop
+
+
+def _start_error(message: str) -> Exception:
+    from locod.daemon.site import StartError
+
+    return StartError(message)
+
+
+def _settle_run_config(
+    site: Site, ours: RunConfig, values: dict[str, Any], explicit: frozenset[str]
+) -> RunConfig:
+    """A founder's own config; a joiner's is the run's, unless it contradicts it."""
+    if not site.joining:
+        return ours
+    published = site.run_config_of_run()
+    if published is None:
+        raise _start_error(
+            f"no run named {site.cfg.run_name!r} was found through "
+            f"{', '.join(site.cfg.join)}; check the run name and the join address"
+        )
+    mine = {**values, **ours.values, "model_hash": ours.model_hash}
+    differing = differing_settings(published, mine, explicit | {"model_hash"})
+    if differing:
+        raise _start_error(
+            "this peer's settings contradict the run's config:\n  "
+            + "\n  ".join(differing)
+            + "\ndrop these settings to adopt the run's values, or start a new run"
+        )
+    try:
+        theirs = RunConfig.from_dict(published)
+    except ValueError as error:
+        raise _start_error(f"the run's published config is unusable: {error}") from error
+    adopted = {k: theirs.values[k] for k in RUN_KEYS}
+    return RunConfig(values=adopted, model_hash=ours.model_hash)
+
+
+def _read_checkpoint(site: Site) -> dict[str, Any] | None:
+    """The site's last checkpoint; an unreadable one is moved aside and reported."""
+    try:
+        return load_checkpoint(site.cfg.state_dir)
+    except CheckpointError as error:
+        aside = site.cfg.state_dir / f"checkpoint.corrupt-{int(time.time())}.pt"
+        (site.cfg.state_dir / "checkpoint.pt").rename(aside)
+        site.log.error("%s; moved it to %s and starting without it", error, aside)
+        return None
+
+
+class OuterLoop:
+    """One model's Streaming DiLoCo on a live site: call :meth:`step` after each inner step."""
+
+    def __init__(
+        self,
+        site: Site,
+        worker: StreamingDiLoCo,
+        run: RunConfig,
+        *,
+        checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.site = site
+        self.worker = worker
+        self.run = run
+        self.checkpoint_extra = checkpoint_extra
+        self.stop_event = stop or threading.Event()
+        self.inner_step = 0
+        """Inner steps taken (the schedule's clock; a joiner takes the run's)."""
+        self.tokens = 0
+        self._last_checkpoint = time.monotonic()
+        self._began = time.monotonic()
+        self._rate_window: list[tuple[float, int]] = []
+
+    @property
+    def fragments(self) -> list[Fragment]:
+        return self.worker.fragments
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self, tokens: float, *, loss: float | None = None) -> list[int]:
+        """After one inner step that trained on ``tokens`` tokens: send what is due, apply
+        what has arrived; returns the fragments whose round was applied."""
+        if not tokens >= 0 or not math.isfinite(tokens):
+            raise ValueError(f"tokens must be a finite count of 0 or more, got {tokens}")
+        worker, ctx = self.worker, self.site.ctx
+        assert ctx is not None
+        self.inner_step += 1
+        self.tokens += int(tokens)
+        ctx.step = self.inner_step
+        worker.add_tokens(tokens)
+        worker.prepare(self.inner_step)
+        applied = worker.perform(self.inner_step)
+        for p in applied:
+            self._maybe_perturb(p)
+        now = time.monotonic()
+        self._rate_window = [(t, k) for t, k in self._rate_window if now - t < 30]
+        self._rate_window.append((now, self.tokens))
+        averager = self.site.averager
+        if averager is not None and averager.behind_s > 0:
+            behind, averager.behind_s = averager.behind_s, 0.0
+            self._catch_up(behind, tokens)
+        self.publish_figures(loss)
+        every = self.site.cfg.checkpoint_every_s
+        if every and now - self._last_checkpoint > every:
+            self.checkpoint()
+        return applied
+
+    def finish(self) -> None:
+        """Resolve the rounds in flight (waiting up to the late bound) and checkpoint."""
+        self.worker.drain(self.inner_step)
+        self.publish_figures(None)
+        self.checkpoint()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Write the outer state (and ``checkpoint_extra``'s) atomically; report failures."""
+        worker = self.worker
+        extra = self.checkpoint_extra() if self.checkpoint_extra is not None else {}
+        clash = RESERVED_CHECKPOINT_KEYS & set(extra)
+        if clash:
+            raise ValueError(f"checkpoint_extra may not use the keys {sorted(clash)}")
+        with worker.lock:
+            payload = {
+                "run_config": self.run.as_dict(),
+                "step": self.inner_step,
+                "tokens": self.tokens,
+                "outer": worker.state_dict(),
+                **extra,
+            }
+        self._last_checkpoint = time.monotonic()
+        try:
+            size = save_checkpoint(self.site.cfg.state_dir, payload)
+        except CheckpointError as error:
+            self.site.log.error("%s", error)
+            return
+        self.site.log.info("checkpoint at step %d written (%d bytes)", self.inner_step, size)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.worker.load_state_dict(checkpoint["outer"])
+        self.inner_step = int(checkpoint["step"])
+        self.tokens = int(checkpoint["tokens"])
+        self.site.log.info("resumed from the checkpoint at step %d", self.inner_step)
+
+    def take_run_state(self, *, required: bool) -> bool:
+        """θ_g, momentum and step from live peers, then θ ← θ_g (a joiner must; a restarted
+        or far-behind peer tries, and keeps its own state if nobody can serve it)."""
+        sync = self.site.state_sync
+        assert sync is not None
+        try:
+            downloaded, progress = sync.download()
+        except DownloadError as error:
+            if required:
+                raise _start_error(f"state download failed: {error}") from error
+            self.site.log.warning("state download failed (%s); keeping this peer's state", error)
+            return False
+        before = self.inner_step
+        self.inner_step = sync.adopt(downloaded)
+        self.site.log.info(
+            "downloaded %d bytes of state from %s in %.2fs (%.1f MB/s); step %d → %d",
+            progress.done,
+            ", ".join(downloaded.donors_used),
+            time.monotonic() - progress.started,
+            progress.rate / 1e6,
+            before,
+            self.inner_step,
+        )
+        return True
+
+    def load_global_into(self, fragments: Sequence[Fragment]) -> None:
+        """Copy θ_g into another model's fragments (an evaluation copy, an export)."""
+        worker = self.worker
+        with worker.lock:
+            for fragment, global_params in zip(fragments, worker.global_params, strict=True):
+                assign_flat(fragment.params, global_params)
+
+    # -- catching up and figures ----------------------------------------------------------
+
+    def _catch_up(self, behind_s: float, tokens_per_step: float) -> None:
+        """Skip the step counter ahead after coming late to a group.
+
+        A peer that keeps arriving after its groups closed never contributes. It leaps
+        forward by the steps it is behind, but never past the next scheduled sync, so no
+        round is skipped; a few late rounds bring it back within the matchmaking window.
+        """
+        window = self._rate_window
+        (t0, k0), (t1, k1) = window[0], window[-1]
+        if t1 <= t0 or k1 <= k0 or tokens_per_step <= 0:
+            return
+        step_s = (t1 - t0) / ((k1 - k0) / tokens_per_step)
+        behind_steps = int(behind_s / step_s)
+        run = self.run
+        room = next_sync_step(self.inner_step, run.fragments, run.inner_steps) - self.inner_step
+        room -= 1
+        if behind_steps > run.inner_steps:
+            # Far behind: leaping one round at a time would take many late rounds. Take the
+            # run's state and step instead of dragging its rounds.
+            self.site.log.info(
+                "%.1fs (%d steps) behind the run: taking its current state", behind_s, behind_steps
+            )
+            if self.take_run_state(required=False):
+                return
+        leap = min(behind_steps, room)
+        if leap > 0:
+            self.inner_step += leap
+            self.site.log.info(
+                "caught up %d step(s) (%.1fs behind the group) to step %d",
+                leap,
+                behind_s,
+                self.inner_step,
+            )
+
+    def _maybe_perturb(self, fragment: int) -> None:
+        """Fault injection: damage this peer's θ_g[fragment] after a round (tests of I3)."""
+        worker, ctx = self.worker, self.site.ctx
+        assert ctx is not None
+        record = worker.stats.last.get(fragment)
+        if record is not None and ctx.faults.active("perturb-global", fragment, record.round):
+            self.site.log.warning(
+                "fault injected: perturbing θ_g of fragment %d after round %d",
+                fragment,
+                record.round,
+            )
+            with worker.lock:
+                worker.global_params[fragment] += 1e-3
+                worker.version += 1
+
+    def publish_figures(self, loss: float | None) -> None:
+        """The outer loop's figures on the site's status board."""
+        worker = self.worker
+        window = self._rate_window
+        (t0, k0), (t1, k1) = (window[0], window[-1]) if window else ((0.0, 0), (0.0, 0))
+        stats = worker.stats
+        fragments = []
+        for p, fragment in enumerate(worker.fragments):
+            record = stats.last.get(p)
+            fragments.append(
+                FragmentFigures(
+                    index=p,
+                    round=record.round if record else -1,
+                    global_hash=worker.global_hash(p),
+                    group_size=record.group_size if record else 0,
+                    duration_s=record.duration_s if record else 0.0,
+                    outcome=record.outcome if record else "none",
+                    numel=fragment.numel,
+                )
+            )
+        figures: dict[str, Any] = {
+            "step": self.inner_step,
+            "tokens": self.tokens,
+            "tokens_per_s": (k1 - k0) / (t1 - t0) if t1 > t0 else 0.0,
+            "rounds_applied": stats.rounds_applied,
+            "rounds_failed": stats.rounds_failed,
+            "rounds_skipped": stats.rounds_skipped,
+            "repairs": stats.repairs,
+            "waited_s": stats.wait_s,
+            "training_s": time.monotonic() - self._began,
+            "fragments": fragments,
+            "rounds": [
+                (r.fragment, r.round, r.group_size, r.duration_s, r.outcome)
+                for r in list(stats.history)[-200:]
+            ],
+        }
+        if loss is not None:
+            figures["train_loss"] = loss
+        self.site.board.update(**figures)
