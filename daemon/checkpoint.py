@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: model and optimizer state keyed by parameter name (torch.distributed.checkpoint's
+full state dicts), so a site of any number of ranks can resume it."""
 
 
 class CheckpointError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,8 @@ def start(ctx: click.Context, config_file: Path | None, check: bool, **options: 
         for name, value in sorted(cfg.loggable().items()):
             click.echo(f"  {name} = {value!r}  [{resolved.sources[name]}]")
         return
+    if cfg.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(cfg.nproc_per_node)
     from locod.daemon.node import Daemon, StartError
 
     try:
@@ -254,6 +257,25 @@ def health(address: str, timeout_s: float) -> None:
             f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
         )
     click.echo(f"{address}: SERVING")
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """``--nproc-per-node N``: this site's N ranks on this machine, started by torchrun
+    (standalone rendezvous); each runs ``locod start`` with the same arguments."""
+    args = sys.argv[sys.argv.index("start") + 1 :] if "start" in sys.argv else []
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "locod",
+        "start",
+        *args,
+    ]
+    click.echo(f"locod: starting {nproc} ranks of this site under torchrun", err=True)
+    os.execv(sys.executable, command)
 
 
 def _stderr(line: str) -> None:

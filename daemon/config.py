@@ -142,6 +142,34 @@ DAEMON: tuple[Setting, ...] = (
         is_flag=True,
     ),
     Setting(
+        "nproc_per_node",
+        int,
+        1,
+        "Ranks of this site on this machine (e.g. one per GPU): relaunches under torchrun; "
+        "the site stays one peer of the run (see docs/scaling.md).",
+    ),
+    Setting(
+        "parallel",
+        click.Choice(["auto", "ddp", "fsdp"]),
+        "auto",
+        "How the ranks of a site share the model: DDP (whole replicas) or FSDP2 (shards); "
+        "auto picks FSDP2 when the model would not fit on one device.",
+    ),
+    Setting(
+        "data_seed",
+        int,
+        0,
+        "Seed of this site's data stream (0: derived from its peer id, so every site "
+        "reads its own).",
+    ),
+    Setting(
+        "rank_timeout_s",
+        float,
+        1800.0,
+        "Longest one collective between the ranks of a site may take (a state download "
+        "on rank 0 holds the others this long at most).",
+    ),
+    Setting(
         "fault",
         str,
         (),
@@ -156,7 +184,17 @@ START_SETTINGS: tuple[Setting, ...] = ALGORITHM + DAEMON
 RUN_KEYS = tuple(s.name for s in ALGORITHM if s.scope == "run")
 """Settings every peer of a run must share: the run config."""
 
-TRAINER_KEYS = ("max_steps", "linger", "eval_every", "eval_batches", "live")
+TRAINER_KEYS = (
+    "max_steps",
+    "linger",
+    "eval_every",
+    "eval_batches",
+    "live",
+    "nproc_per_node",
+    "parallel",
+    "data_seed",
+    "rank_timeout_s",
+)
 """Settings of the built-in training loop (``locod start``), not of the site."""
 
 SITE_SETTINGS: tuple[Setting, ...] = tuple(s for s in DAEMON if s.name not in TRAINER_KEYS)
@@ -364,6 +402,10 @@ class DaemonConfig:
     eval_every: int
     eval_batches: int
     live: bool
+    nproc_per_node: int
+    parallel: str
+    data_seed: int
+    rank_timeout_s: float
     data: tuple[str, ...]
     cache_dir: Path | None
     device: str
@@ -378,6 +420,10 @@ class DaemonConfig:
             raise ValueError(f"max_steps must be 0 or more, got {self.max_steps}")
         if self.eval_every < 0 or self.eval_batches < 1:
             raise ValueError("eval_every must be 0 or more, eval_batches at least 1")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be at least 1, got {self.nproc_per_node}")
+        if not self.rank_timeout_s > 0:
+            raise ValueError(f"rank_timeout must be positive, got {self.rank_timeout_s}")
         mcfg = model_config(self.run.model)
         validate_fragment_count(self.run.fragments, mcfg.n_layers)
         validate_schedule(self.run.inner_steps, self.run.fragments)
@@ -419,6 +465,10 @@ def build_daemon_config(values: dict[str, Any], explicit: frozenset[str]) -> Dae
             eval_every=values["eval_every"],
             eval_batches=values["eval_batches"],
             live=values["live"],
+            nproc_per_node=values["nproc_per_node"],
+            parallel=values["parallel"],
+            data_seed=values["data_seed"],
+            rank_timeout_s=values["rank_timeout_s"],
             data=tuple(values["data"]),
             cache_dir=values["cache_dir"],
             device=values["device"],

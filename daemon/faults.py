@@ -14,6 +14,9 @@ and hope". Kinds:
 * ``slow-step:seconds=S`` — every inner step takes S seconds longer (a slower machine).
 * ``exit-serving:chunks=N`` — the process dies right after serving its N-th state chunk
   (a donor lost mid-download).
+* ``exit-at-step:step=S,rank=R`` — rank R of the site (0 by default) dies like SIGKILL
+  after inner step S, once per state dir (a marker file remembers it, so the restarted
+  site runs on).
 
 ``round`` may be ``*`` for every round; ``fragment`` likewise.
 """
@@ -29,6 +32,7 @@ KINDS = (
     "perturb-global",
     "slow-step",
     "exit-serving",
+    "exit-at-step",
 )
 
 
@@ -39,6 +43,8 @@ class Fault:
     round: int | None
     seconds: float = 0.0
     chunks: int | None = None
+    step: int | None = None
+    rank: int = 0
 
     def matches(self, kind: str, fragment: int, round_index: int) -> bool:
         return (
@@ -55,23 +61,37 @@ def parse_fault(text: str) -> Fault:
         raise ValueError(f"unknown fault {kind!r}; kinds: {', '.join(KINDS)}")
     where: dict[str, int | None] = {"fragment": None, "round": None}
     seconds = 0.0
-    chunks: int | None = None
+    numbers: dict[str, int] = {}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key in ("seconds", "chunks"):
+        if key in ("seconds", "chunks", "step", "rank"):
             try:
                 seconds = float(value) if key == "seconds" else seconds
-                chunks = int(value) if key == "chunks" else chunks
+                if key != "seconds":
+                    numbers[key] = int(value)
             except ValueError:
                 raise ValueError(f"fault {text!r}: {key} must be a number") from None
             continue
         if key not in where:
-            raise ValueError(f"fault {text!r}: unknown field {key!r} (fragment, round, seconds)")
+            raise ValueError(
+                f"fault {text!r}: unknown field {key!r} "
+                "(fragment, round, seconds, chunks, step, rank)"
+            )
         try:
             where[key] = None if value == "*" else int(value)
         except ValueError:
             raise ValueError(f"fault {text!r}: {key} must be an integer or *") from None
-    return Fault(kind, where["fragment"], where["round"], seconds, chunks)
+    if kind == "exit-at-step" and "step" not in numbers:
+        raise ValueError(f"fault {text!r}: exit-at-step needs step=S")
+    return Fault(
+        kind,
+        where["fragment"],
+        where["round"],
+        seconds,
+        numbers.get("chunks"),
+        numbers.get("step"),
+        numbers.get("rank", 0),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +109,12 @@ class FaultPlan:
         """Serve this many state chunks, then die at the next request (``exit-serving``)."""
         counts = [f.chunks for f in self.faults if f.kind == "exit-serving"]
         return min((c or 0 for c in counts), default=None)
+
+    def exits_at(self, rank: int, step: int) -> bool:
+        """True if rank ``rank`` is to die after inner step ``step`` (``exit-at-step``)."""
+        return any(
+            f.kind == "exit-at-step" and f.step == step and f.rank == rank for f in self.faults
+        )
 
     def step_delay_s(self) -> float:
         """Extra seconds per inner step (``slow-step``)."""

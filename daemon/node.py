@@ -26,6 +26,7 @@ from types import FrameType
 from typing import TextIO
 
 from locod.daemon.config import DaemonConfig
+from locod.daemon.distributed import FollowerSite, RankGroup, init_ranks, launched_ranks
 from locod.daemon.live import LiveView
 from locod.daemon.site import Site, StartError, package_version, state_dir_lock
 from locod.daemon.trainer import Trainer
@@ -63,6 +64,9 @@ class Daemon:
         self._signals = 0
 
     def run(self) -> int:
+        ranks = launched_ranks()
+        if ranks is not None and not ranks.leader:
+            return self._run_follower(ranks)
         cfg = self.cfg
         with state_dir_lock(cfg.site.state_dir):
             view = LiveView(enabled=cfg.live)
@@ -73,11 +77,13 @@ class Daemon:
                 json.dumps(cfg.loggable(), sort_keys=True, default=str),
             )
             self._install_signals()
-            trainer = Trainer(cfg, stop=self.stop_event, view=view, log=self.log)
+            trainer = Trainer(cfg, stop=self.stop_event, view=view, log=self.log, ranks=ranks)
             self.site = site = Site(cfg.site, log=self.log, lock_state_dir=False)
             try:
                 trainer.load_corpus()
                 site.start()
+                if ranks is not None:
+                    init_ranks(trainer.device, cfg.rank_timeout_s)
                 ctx = site.ctx
                 assert ctx is not None
                 site.redraw = lambda: view.update(site.board, ctx)
@@ -101,6 +107,26 @@ class Daemon:
                 )
                 for handler in list(self.log.handlers):
                     handler.flush()
+        return 0
+
+    def _run_follower(self, ranks: RankGroup) -> int:
+        """A rank other than 0 of a torchrun site: train, follow rank 0, no network."""
+        cfg = self.cfg
+        cfg.site.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = logging.getLogger("locod")
+        self.log.setLevel(cfg.site.log_level.upper())
+        self.log.propagate = False
+        handler = logging.FileHandler(cfg.site.state_dir / f"locod.rank{ranks.rank}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.log.addHandler(handler)
+        # Rank 0 decides when the site stops (every rank must stop at the same step);
+        # a signal here only ends the process if it comes twice.
+        self._install_signals()
+        view = LiveView(enabled=False)
+        trainer = Trainer(cfg, stop=self.stop_event, view=view, log=self.log, ranks=ranks)
+        trainer.load_corpus()
+        init_ranks(trainer.device, cfg.rank_timeout_s)
+        trainer.run(FollowerSite(cfg.site, ranks, log=self.log))
         return 0
 
     def _install_signals(self) -> None:

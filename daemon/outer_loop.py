@@ -28,22 +28,37 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch import nn
 
 from locod.daemon.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from locod.daemon.config import RUN_KEYS, RunConfig, differing_settings, run_config_from
+from locod.daemon.distributed import (
+    FollowerSite,
+    Outcome,
+    RankGroup,
+    RankSync,
+    broadcast_object,
+    group_of_initialized,
+    is_sharded,
+    shadow_fragments,
+)
 from locod.daemon.settings import ALGORITHM, build_algorithm
+from locod.daemon.site import Site
 from locod.daemon.state_transfer import DownloadError
 from locod.daemon.status import FragmentFigures
 from locod.peer.averaging import SyncOutcome, SyncRequest
 from locod.peer.config import OuterConfig
-from locod.peer.fragments import Fragment, assign_flat, next_sync_step, partition
+from locod.peer.fragments import (
+    Fragment,
+    assign_flat,
+    fragments_due,
+    next_sync_step,
+    partition,
+)
 from locod.peer.streaming import StreamingDiLoCo
-
-if TYPE_CHECKING:
-    from locod.daemon.site import Site
 
 RESERVED_CHECKPOINT_KEYS = frozenset({"format", "run_config", "step", "tokens", "outer"})
 """Keys of a checkpoint that belong to the outer loop; ``checkpoint_extra`` adds others."""
@@ -94,7 +109,7 @@ class _NoAverager:
 
 
 def attach(
-    site: Site,
+    site: Site | FollowerSite,
     model: nn.Module,
     *,
     blocks: Sequence[nn.Module] | None = None,
@@ -102,8 +117,11 @@ def attach(
     values: dict[str, Any] | None = None,
     explicit: frozenset[str] | None = None,
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
-    restore_extra: Callable[[dict[str, Any]], None] | None = None,
+    restore_extra: Callable[[dict[str, Any] | None], None] | None = None,
+    stop_when: Callable[[int], bool] | None = None,
     stop: threading.Event | None = None,
+    ranks: RankGroup | None = None,
+    device: torch.device | None = None,
     **options: Any,
 ) -> OuterLoop:
     """Put ``model`` under Streaming DiLoCo on ``site`` and return the loop to step.
@@ -114,25 +132,28 @@ def attach(
     ``blocks`` are the model's repeated transformer blocks (default: ``model.blocks``).
     ``locod start`` passes its resolved ``values``/``explicit`` and ``outer`` instead.
     ``checkpoint_extra`` returns more state to keep in each checkpoint (the built-in
-    trainer's model, optimizer and data position); ``restore_extra`` gets it back.
+    trainer's model, optimizer and data position); ``restore_extra`` gets it back (on
+    the other ranks of a multi-rank site, with None: they take rank 0's state).
+    ``stop_when(step)`` says whether to stop after that step (``loop.should_stop``);
+    setting ``stop`` (an event) stops waits for peers and late results, and the loop.
+    ``ranks``: this process's place in a multi-rank site (default: the torch.distributed
+    group the caller initialized, if any); every rank calls ``attach`` and ``step``.
     """
     if values is None:
         values = algorithm_values(options)
         explicit = frozenset(options)
-        values.setdefault("model", CUSTOM_MODEL)
         if "model" not in options:
             values["model"] = CUSTOM_MODEL
     elif options:
         raise TypeError("pass either values= or algorithm options, not both")
     explicit = explicit or frozenset()
-    if blocks is None:
-        found = getattr(model, "blocks", None)
-        if not isinstance(found, nn.ModuleList | list | tuple):
-            raise TypeError(
-                "cannot tell the model's transformer blocks: pass blocks=[...] "
-                "(the repeated layers, e.g. model.model.layers)"
-            )
-        blocks = list(found)
+    blocks = _blocks_of(model, blocks)
+    ranks = ranks if ranks is not None else group_of_initialized()
+    device = device or next(model.parameters()).device
+    if ranks is not None and not ranks.leader:
+        return _attach_follower(site, model, blocks, ranks, device, checkpoint_extra, restore_extra)
+    if not isinstance(site, Site):
+        raise TypeError("rank 0 of a site (or a one-process site) needs a Site")
     fingerprint = model_fingerprint(model)
     ours = run_config_from(values, num_blocks=len(blocks)).replace(model_hash=fingerprint)
     run = _settle_run_config(site, ours, values, explicit)
@@ -147,27 +168,88 @@ def attach(
             "state dir or the run's settings"
         )
     fragments = partition(model, list(blocks), run.fragments, run.layout)
+    sync: RankSync | None = None
+    if ranks is not None:
+        broadcast_object(run.as_dict(), ranks)
+        sharded = any(is_sharded(p) for f in fragments for p in f.params)
+        shadow = shadow_fragments(fragments) if sharded else None
+        sync = RankSync(ranks, fragments, device=device, shadow=shadow)
+        sync.gather(range(len(fragments)))
+        fragments = shadow or fragments
     worker = StreamingDiLoCo(fragments, outer, _NoAverager(), log=site.log.info)
-    loop = OuterLoop(site, worker, run, checkpoint_extra=checkpoint_extra, stop=stop)
+    loop = OuterLoop(
+        site,
+        worker,
+        run,
+        checkpoint_extra=checkpoint_extra,
+        stop_when=stop_when,
+        stop=stop,
+        sync=sync,
+    )
     site.attach(worker, run, lambda: loop.inner_step)
     if site.joining and not site.cfg.client_only:
         _, membership = site.require()
         membership.check_reachable()
+    extra = None
     if checkpoint is not None:
         loop.restore(checkpoint)
-        if restore_extra is not None:
-            restore_extra(
-                {k: v for k, v in checkpoint.items() if k not in RESERVED_CHECKPOINT_KEYS}
-            )
+        extra = {k: v for k, v in checkpoint.items() if k not in RESERVED_CHECKPOINT_KEYS}
         if site.joining:
             # Back after a restart: the run moved on. Take its current outer state (the
             # inner optimizer and the data position are kept) before contributing (I5).
             loop.take_run_state(required=False)
     elif site.joining:
         loop.take_run_state(required=True)
+    if sync is not None and ranks is not None:
+        broadcast_object(extra is not None and restore_extra is not None, ranks)
+    if extra is not None and restore_extra is not None:
+        restore_extra(extra)
+    if sync is not None and ranks is not None:
+        broadcast_object((loop.inner_step, loop.tokens), ranks)
+        sync.distribute(range(len(fragments)))
     _, membership = site.require()
     membership.wait_for_peers(site.cfg.min_peers, loop.stop_event, site.redraw)
+    loop.should_stop = loop.stop_event.is_set() or (
+        stop_when is not None and stop_when(loop.inner_step)
+    )
+    if ranks is not None:
+        broadcast_object(loop.should_stop, ranks)
     site.board.update(state="training", note="")
+    return loop
+
+
+def _blocks_of(model: nn.Module, blocks: Sequence[nn.Module] | None) -> list[nn.Module]:
+    if blocks is not None:
+        return list(blocks)
+    found = getattr(model, "blocks", None)
+    if not isinstance(found, nn.ModuleList | list | tuple):
+        raise TypeError(
+            "cannot tell the model's transformer blocks: pass blocks=[...] "
+            "(the repeated layers, e.g. model.model.layers)"
+        )
+    return list(found)
+
+
+def _attach_follower(
+    site: Site | FollowerSite,
+    model: nn.Module,
+    blocks: list[nn.Module],
+    ranks: RankGroup,
+    device: torch.device,
+    checkpoint_extra: Callable[[], dict[str, Any]] | None,
+    restore_extra: Callable[[dict[str, Any] | None], None] | None,
+) -> OuterLoop:
+    """A rank other than 0: mirror rank 0's collectives of :func:`attach`."""
+    run = RunConfig.from_dict(broadcast_object(None, ranks))
+    fragments = partition(model, blocks, run.fragments, run.layout)
+    sync = RankSync(ranks, fragments, device=device)
+    sync.gather(range(len(fragments)))
+    loop = OuterLoop(site, None, run, checkpoint_extra=checkpoint_extra, sync=sync)
+    if broadcast_object(None, ranks) and restore_extra is not None:
+        restore_extra(None)
+    loop.inner_step, loop.tokens = broadcast_object(None, ranks)
+    sync.distribute(range(len(fragments)))
+    loop.should_stop = bool(broadcast_object(None, ranks))
     return loop
 
 
@@ -217,28 +299,51 @@ def _read_checkpoint(site: Site) -> dict[str, Any] | None:
 
 
 class OuterLoop:
-    """One model's Streaming DiLoCo on a live site: call :meth:`step` after each inner step."""
+    """One model's Streaming DiLoCo on a live site: call :meth:`step` after each inner step.
+
+    On the ranks of a multi-rank site other than 0, ``worker`` is None: the loop only
+    takes part in the site's collectives (:mod:`locod.daemon.distributed`).
+    """
 
     def __init__(
         self,
-        site: Site,
-        worker: StreamingDiLoCo,
+        site: Site | FollowerSite,
+        worker: StreamingDiLoCo | None,
         run: RunConfig,
         *,
         checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
+        stop_when: Callable[[int], bool] | None = None,
         stop: threading.Event | None = None,
+        sync: RankSync | None = None,
     ) -> None:
         self.site = site
-        self.worker = worker
+        self._worker = worker
         self.run = run
         self.checkpoint_extra = checkpoint_extra
+        self.stop_when = stop_when
+        self.sync = sync
         self.stop_event = stop or threading.Event()
+        """Set to stop waiting (for peers) and stepping; a daemon's signal handler sets it."""
+        self.should_stop = False
+        """True once the loop's owner should stop stepping (on every rank alike)."""
         self.inner_step = 0
         """Inner steps taken (the schedule's clock; a joiner takes the run's)."""
         self.tokens = 0
+        """Tokens the site trained on (the sum over its ranks)."""
         self._last_checkpoint = time.monotonic()
         self._began = time.monotonic()
         self._rate_window: list[tuple[float, int]] = []
+
+    @property
+    def leader(self) -> bool:
+        """This process holds the outer state (a one-process site, or rank 0)."""
+        return self._worker is not None
+
+    @property
+    def worker(self) -> StreamingDiLoCo:
+        if self._worker is None:
+            raise RuntimeError("only rank 0 of a site holds the outer state")
+        return self._worker
 
     @property
     def fragments(self) -> list[Fragment]:
@@ -247,45 +352,116 @@ class OuterLoop:
     # -- the step -------------------------------------------------------------------------
 
     def step(self, tokens: float, *, loss: float | None = None) -> list[int]:
-        """After one inner step that trained on ``tokens`` tokens: send what is due, apply
-        what has arrived; returns the fragments whose round was applied."""
+        """After one inner step that trained on ``tokens`` tokens (this rank's): send what
+        is due, apply what has arrived; returns the fragments whose θ changed."""
         if not tokens >= 0 or not math.isfinite(tokens):
             raise ValueError(f"tokens must be a finite count of 0 or more, got {tokens}")
+        if self.sync is not None:
+            tokens = self.sync.sum_tokens(tokens)
+        if self._worker is None:
+            return self._follow()
         worker, ctx = self.worker, self.site.ctx
         assert ctx is not None
         self.inner_step += 1
         self.tokens += int(tokens)
         ctx.step = self.inner_step
+        if self.sync is not None:
+            self.sync.plan(self.inner_step, self._may_touch(self.inner_step))
+            self.sync.gather(self._may_touch(self.inner_step))
         worker.add_tokens(tokens)
         worker.prepare(self.inner_step)
-        applied = worker.perform(self.inner_step)
-        for p in applied:
+        changed = worker.perform(self.inner_step)
+        for p in changed:
             self._maybe_perturb(p)
         now = time.monotonic()
         self._rate_window = [(t, k) for t, k in self._rate_window if now - t < 30]
         self._rate_window.append((now, self.tokens))
+        reset = False
         averager = self.site.averager
         if averager is not None and averager.behind_s > 0:
             behind, averager.behind_s = averager.behind_s, 0.0
-            self._catch_up(behind, tokens)
-        self.publish_figures(loss)
+            reset = self._catch_up(behind, tokens)
+        if reset:
+            changed = list(range(worker.num_fragments))
         every = self.site.cfg.checkpoint_every_s
-        if every and now - self._last_checkpoint > every:
+        checkpoint = bool(every) and now - self._last_checkpoint > every
+        self.should_stop = self.stop_event.is_set() or (
+            self.stop_when is not None and self.stop_when(self.inner_step)
+        )
+        if self.sync is not None:
+            self.sync.outcome(
+                Outcome(self.inner_step, tuple(changed), reset, checkpoint, self.should_stop)
+            )
+            self.sync.distribute(changed)
+        self.publish_figures(loss)
+        if checkpoint:
             self.checkpoint()
-        return applied
+        return changed
 
-    def finish(self) -> None:
-        """Resolve the rounds in flight (waiting up to the late bound) and checkpoint."""
-        self.worker.drain(self.inner_step)
+    def _may_touch(self, step: int) -> list[int]:
+        """Fragments whose θ rank 0 may read or write at ``step``: those due to send, and
+        those in flight whose result is due to land."""
+        worker = self.worker
+        due = set(fragments_due(step, worker.num_fragments, self.run.inner_steps))
+        landing = {p for p, flight in worker.in_flight.items() if flight.apply_at <= step}
+        return sorted(due | landing)
+
+    def _follow(self) -> list[int]:
+        """A rank other than 0: take part in rank 0's step (see :meth:`step`)."""
+        sync = self.sync
+        assert sync is not None
+        _, touch = sync.plan(0, [])
+        sync.gather(touch)
+        outcome = sync.outcome(Outcome(0, (), False, False, False))
+        self.inner_step = outcome.step
+        sync.distribute(outcome.changed)
+        if outcome.checkpoint:
+            self.checkpoint()
+        self.should_stop = outcome.stop
+        return list(outcome.changed)
+
+    def finish(self, *, drain: bool = True) -> None:
+        """At the end: resolve the rounds in flight (waiting up to the late bound; with
+        ``drain`` False — a stop by signal — abandon them), then checkpoint."""
+        sync = self.sync
+        if self._worker is None:
+            assert sync is not None
+            _, touch = sync.plan(0, [])
+            sync.gather(touch)
+            outcome = sync.outcome(Outcome(0, (), False, False, True))
+            sync.distribute(outcome.changed)
+            self.checkpoint()
+            return
+        worker = self.worker
+        touch = sorted(worker.in_flight) if drain else []
+        if sync is not None:
+            sync.plan(self.inner_step, touch)
+            sync.gather(touch)
+        changed = []
+        if drain:
+            before = {p: worker.stats.last.get(p) for p in touch}
+            worker.drain(self.inner_step)
+            changed = [p for p in touch if worker.stats.last.get(p) is not before[p]]
+        if sync is not None:
+            sync.outcome(Outcome(self.inner_step, tuple(changed), False, False, True))
+            sync.distribute(changed)
+        self.should_stop = True
         self.publish_figures(None)
         self.checkpoint()
 
     # -- state ----------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Write the outer state (and ``checkpoint_extra``'s) atomically; report failures."""
-        worker = self.worker
+        """Write the outer state (and ``checkpoint_extra``'s) atomically; report failures.
+
+        Every rank of a multi-rank site calls it at the same step (``checkpoint_extra`` may
+        be a collective, e.g. gathering FSDP2 shards); rank 0 writes.
+        """
         extra = self.checkpoint_extra() if self.checkpoint_extra is not None else {}
+        self._last_checkpoint = time.monotonic()
+        if self._worker is None:
+            return
+        worker = self.worker
         clash = RESERVED_CHECKPOINT_KEYS & set(extra)
         if clash:
             raise ValueError(f"checkpoint_extra may not use the keys {sorted(clash)}")
@@ -297,7 +473,6 @@ class OuterLoop:
                 "outer": worker.state_dict(),
                 **extra,
             }
-        self._last_checkpoint = time.monotonic()
         try:
             size = save_checkpoint(self.site.cfg.state_dir, payload)
         except CheckpointError as error:
@@ -314,7 +489,9 @@ class OuterLoop:
     def take_run_state(self, *, required: bool) -> bool:
         """θ_g, momentum and step from live peers, then θ ← θ_g (a joiner must; a restarted
         or far-behind peer tries, and keeps its own state if nobody can serve it)."""
-        sync = self.site.state_sync
+        site = self.site
+        assert isinstance(site, Site)
+        sync = site.state_sync
         assert sync is not None
         try:
             downloaded, progress = sync.download()
@@ -345,17 +522,18 @@ class OuterLoop:
 
     # -- catching up and figures ----------------------------------------------------------
 
-    def _catch_up(self, behind_s: float, tokens_per_step: float) -> None:
+    def _catch_up(self, behind_s: float, tokens_per_step: float) -> bool:
         """Skip the step counter ahead after coming late to a group.
 
         A peer that keeps arriving after its groups closed never contributes. It leaps
         forward by the steps it is behind, but never past the next scheduled sync, so no
         round is skipped; a few late rounds bring it back within the matchmaking window.
+        Returns True if it took the run's state instead (θ was reset from θ_g).
         """
         window = self._rate_window
         (t0, k0), (t1, k1) = window[0], window[-1]
         if t1 <= t0 or k1 <= k0 or tokens_per_step <= 0:
-            return
+            return False
         step_s = (t1 - t0) / ((k1 - k0) / tokens_per_step)
         behind_steps = int(behind_s / step_s)
         run = self.run
@@ -368,7 +546,7 @@ class OuterLoop:
                 "%.1fs (%d steps) behind the run: taking its current state", behind_s, behind_steps
             )
             if self.take_run_state(required=False):
-                return
+                return True
         leap = min(behind_steps, room)
         if leap > 0:
             self.inner_step += leap
@@ -378,6 +556,7 @@ class OuterLoop:
                 behind_s,
                 self.inner_step,
             )
+        return False
 
     def _maybe_perturb(self, fragment: int) -> None:
         """Fault injection: damage this peer's θ_g[fragment] after a round (tests of I3)."""

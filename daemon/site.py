@@ -166,6 +166,11 @@ class Site:
         return self.ctx.peer_id
 
     @property
+    def faults(self) -> FaultPlan:
+        """The faults injected into this site (tests): parsed from the config."""
+        return self.ctx.faults if self.ctx is not None else FaultPlan.parse(self.cfg.faults)
+
+    @property
     def joining(self) -> bool:
         """True when this site joins an existing run (it was given peers to join)."""
         return bool(self.cfg.join)

@@ -225,8 +225,13 @@ class BatchSampler:
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.seq_len
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both int64 of shape (batch_size, seq_len)."""
+    def next(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 of shape (batch_size, seq_len).
+
+        ``rows`` reads only those rows of the batch: the ranks of a multi-GPU site each
+        take their slice of one site-wide batch, so a site of N ranks sees exactly the
+        windows a one-rank site with an N× batch would.
+        """
         # One generator per batch, keyed by (seed, batch index): resuming after a restart
         # is O(1) and gives exactly the stream an uninterrupted run would have seen.
         rng = np.random.default_rng([self.seed, self.batches_drawn])
@@ -234,6 +239,8 @@ class BatchSampler:
         # except in a split of exactly one window, whose only start is 0.
         high = max(1, len(self.data) - self.seq_len - 1)
         starts = rng.integers(0, high, size=self.batch_size)
+        if rows is not None:
+            starts = starts[rows]
         windows = np.stack([np.asarray(self.data[s : s + self.seq_len + 1]) for s in starts])
         tensor = torch.from_numpy(windows.astype(np.int64))
         self.batches_drawn += 1

@@ -8,6 +8,7 @@ of DESIGN §1 (H = 1 with inner SGD is data-parallel SGD).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,9 @@ class InnerTrainer:
         self.device = device
         self.optimizer = build_optimizer(self.model, cfg)
         self.step = 0
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model.loss
+        """What ``backward`` differentiates: the model's loss, or a wrapper of it that
+        synchronizes gradients between ranks (a DistributedDataParallel module)."""
 
     def backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward on one batch; gradients are left in ``.grad``. Returns the loss."""
@@ -118,7 +122,7 @@ class InnerTrainer:
         with torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
         ):
-            loss = self.model.loss(inputs, targets)
+            loss = self.loss_fn(inputs, targets)
         loss.backward()
         return float(loss.detach())
 

@@ -133,6 +133,8 @@ class Cluster:
     """A command prefix per peer name (``ip netns exec NS`` for benchmarks' sites)."""
     peer_args: dict[str, list[str]] = field(default_factory=dict)
     """Flags per peer name, after the common ones (a site's own listen addresses)."""
+    launchers: dict[str, list[str]] = field(default_factory=dict)
+    """What runs ``start`` per peer name instead of ``python -m locod`` (torchrun ...)."""
 
     def start(self, name: str, *extra: str, join: bool = True, fresh: bool = True) -> Peer:
         state_dir = self.root / name
@@ -142,7 +144,7 @@ class Cluster:
         (state_dir / "daemon.json").unlink(missing_ok=True)
         args = [
             *self.prefixes.get(name, []),
-            *LOCOD,
+            *self.launchers.get(name, LOCOD),
             "start",
             *self.common,
             *self.peer_args.get(name, []),
@@ -180,8 +182,8 @@ class Cluster:
         if not peer.alive():
             raise AssertionError(peer.describe())
         for line in peer.stdout.read_text().splitlines():
-            if line.startswith("JOIN "):
-                return line
+            if "JOIN " in line:  # torchrun may prefix a rank's lines
+                return line[line.index("JOIN ") :]
         return None
 
     def statuses(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
