@@ -202,6 +202,7 @@ def build_hf_model(folder: Path, *, vocab_size: int | None = None) -> HFCausalLM
             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
         ) from error
     adapter = HFCausalLM(model, source=folder)
+    _check_causal(adapter, folder)
     if vocab_size is not None and adapter.vocab_size < vocab_size:
         raise ModelError(
             f"the model in {folder} has {adapter.vocab_size} vocabulary rows but the data's "
@@ -209,3 +210,34 @@ def build_hf_model(folder: Path, *, vocab_size: int | None = None) -> HFCausalLM
             f"to at least {vocab_size}"
         )
     return adapter
+
+
+@torch.no_grad()
+def _check_causal(model: HFCausalLM, folder: Path) -> None:
+    """Refuse a model whose predictions see later tokens (an encoder such as BERT, which
+    transformers will also build as a 'causal LM'): it would learn to copy, not to predict.
+
+    Changing the last token of a short random sequence must leave every earlier position's
+    logits as they were: up to fp32 rounding of a kernel that blocks its sums differently
+    (~1e-6 of the logits' scale), where a model that looks ahead moves them by a good
+    fraction of that scale (a tenth, for a freshly initialised BERT).
+    """
+    length = min(8, model.max_seq_len or 8)
+    if length < 2:
+        return
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.vocab_size, (1, length), generator=generator)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % model.vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        before, after = model(ids)[0, :-1], model(changed)[0, :-1]
+    finally:
+        model.train(was_training)
+    scale = 1.0 + float(before.abs().max())
+    if float((before - after).abs().max()) > 1e-4 * scale:
+        raise ModelError(
+            f"the model in {folder} ({type(model.hf).__name__}) is not causal: its predictions "
+            "depend on later tokens; locod trains decoder-only language models"
+        )

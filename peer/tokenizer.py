@@ -85,6 +85,14 @@ class FileTokenizer:
         """The tokenizer as ``tokenizers`` serialises it (what export writes)."""
         return str(self._tokenizer.to_str())
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the tokenizer as ``tokenizers`` re-serialises it, keys sorted: two
+        files that differ only in layout or key order agree; any change to the vocabulary,
+        merges, normaliser or pre-tokeniser changes it."""
+        canonical = json.dumps(json.loads(self.to_json()), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
 
 def tokenizer_file(path: str | Path) -> Path:
     """The ``tokenizer.json`` that ``path`` names (the file, or a folder holding it)."""
@@ -124,12 +132,6 @@ def load_tokenizer(path: str | Path) -> FileTokenizer:
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
-    """A short hash of the tokenizer in ``path``, for the run config.
-
-    It hashes the tokenizer as ``tokenizers`` re-serialises it, with keys sorted, so two
-    files that differ only in layout or key order agree, and any change to the
-    vocabulary, merges, normaliser or pre-tokeniser changes it.
-    """
-    tokenizer = load_tokenizer(path)
-    canonical = json.dumps(json.loads(tokenizer.to_json()), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """A short hash of the tokenizer in ``path``, for the run config (see
+    :attr:`FileTokenizer.fingerprint`)."""
+    return load_tokenizer(path).fingerprint
