@@ -38,7 +38,7 @@ import torch
 
 from locod.peer.fingerprint import describe_difference, model_description, model_fingerprint
 from locod.peer.fragments import assign_flat, derive_fragments
-from locod.peer.hf import HF_EXTRA_HINT, HFCausalLM
+from locod.peer.hf import HF_EXTRA_HINT, HFCausalLM, quiet_progress
 from locod.peer.model import ByteTransformer, CausalLM, ModelConfig, build_model, seeded
 from locod.peer.tokenizer import (
     TOKENIZER_FILE,
@@ -147,7 +147,8 @@ def export_model(
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-export-"))
     try:
         if isinstance(model, HFCausalLM):
-            model.hf.save_pretrained(staging)
+            with quiet_progress():
+                model.hf.save_pretrained(staging)
         elif isinstance(model, ByteTransformer):
             _save_safetensors(model, staging / WEIGHTS)
             meta = {

@@ -22,6 +22,8 @@ transformers is imported here only inside functions, and this module only when a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,21 @@ class HFCausalLM(CausalLM):
         return {"class": type(self.hf).__name__, **architecture_fields(self.hf.config.to_dict())}
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off for the body (loading a small model draws several on
+    stderr, between locod's own lines), then back as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _import_transformers() -> Any:
     try:
         import transformers
@@ -181,21 +198,23 @@ def build_hf_model(folder: Path, *, vocab_size: int | None = None) -> HFCausalLM
 
     The caller seeds torch's generator (random init and any weights a checkpoint lacks).
     ModelError names what is wrong: a missing folder or config, pickled weights, a config
-    transformers does not know as a causal LM, or fewer embedding rows than ``vocab_size``.
+    transformers does not know as a causal LM, a model that is not causal, or fewer
+    embedding rows than ``vocab_size``.
     """
     has_weights = _check_folder(folder)
     transformers = _import_transformers()
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     try:
-        if has_weights:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, use_safetensors=True, **common
-            )
-        else:
-            config = transformers.AutoConfig.from_pretrained(folder, **common)
-            model = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=torch.float32, trust_remote_code=False
-            )
+        with quiet_progress():
+            if has_weights:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=torch.float32, use_safetensors=True, **common
+                )
+            else:
+                config = transformers.AutoConfig.from_pretrained(folder, **common)
+                model = transformers.AutoModelForCausalLM.from_config(
+                    config, dtype=torch.float32, trust_remote_code=False
+                )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ModelError(
             f"transformers cannot build a causal LM from {folder}: "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +252,27 @@ def test_byte_level_modules_do_not_import_the_hf_extra(tmp_path: Path) -> None:
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ""
+
+
+def test_nothing_is_fetched_from_the_network(
+    config_only: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building from a config and from a checkpoint, with every socket connection refused."""
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("locod tried the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in [n for n in os.environ if n.startswith("HF_")]:
+        monkeypatch.delenv(name)
+    model = build_model(f"hf:{config_only}", seed=0)
+    assert isinstance(model, HFCausalLM)
+    model.hf.save_pretrained(tmp_path / "ckpt")
+    again = build_model(f"hf:{tmp_path / 'ckpt'}", seed=1)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True)
+    )
+    assert attempts == []
