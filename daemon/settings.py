@@ -296,7 +296,6 @@ def build_read_settings(values: dict[str, Any]) -> ReadSettings:
         tokenizer = load_tokenizer(values["tokenizer"]) if values.get("tokenizer") else None
         return ReadSettings(
             tokenizer=tokenizer,
-            tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else "",
             text_field=values["text_field"],
             token_dtype=values["token_dtype"],
         )

@@ -102,9 +102,8 @@ class ReadSettings:
     """How files become ids: bytes, or through a tokenizer; where text lives in records."""
 
     tokenizer: TextTokenizer | None = None
-    """None reads bytes (vocabulary 256); else text is encoded by this tokenizer."""
-    tokenizer_fingerprint: str = ""
-    """Identifies the tokenizer in the cache key (``peer.tokenizer.tokenizer_fingerprint``)."""
+    """None reads bytes (vocabulary 256); else text is encoded by this tokenizer (its
+    fingerprint is part of the cache key)."""
     text_field: str = "text"
     """The JSON field / Parquet column that holds a record's text."""
     token_dtype: str = "auto"
@@ -117,8 +116,6 @@ class ReadSettings:
             raise CorpusError(
                 f"token_dtype must be one of {', '.join(TOKEN_DTYPES)}, got {self.token_dtype!r}"
             )
-        if self.tokenizer is not None and not self.tokenizer_fingerprint:
-            raise CorpusError("a tokenizer needs its fingerprint (it keys the corpus cache)")
 
     @property
     def vocab_size(self) -> int:
@@ -136,7 +133,7 @@ class ReadSettings:
         return json.dumps(
             {
                 "format": _FORMAT_VERSION,
-                "tokenizer": self.tokenizer_fingerprint if self.tokenizer else "bytes",
+                "tokenizer": self.tokenizer.fingerprint if self.tokenizer else "bytes",
                 "text_field": self.text_field,
                 "token_dtype": self.token_dtype,
             },

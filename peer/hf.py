@@ -193,19 +193,22 @@ def _check_folder(folder: Path) -> bool:
     return False
 
 
-def build_hf_model(folder: Path, *, vocab_size: int | None = None) -> HFCausalLM:
+def build_hf_model(
+    folder: Path, *, vocab_size: int | None = None, shapes_only: bool = False
+) -> HFCausalLM:
     """The model in ``folder`` (random init from its config, or its safetensors weights).
 
     The caller seeds torch's generator (random init and any weights a checkpoint lacks).
     ModelError names what is wrong: a missing folder or config, pickled weights, a config
     transformers does not know as a causal LM, a model that is not causal, or fewer
-    embedding rows than ``vocab_size``.
+    embedding rows than ``vocab_size``. ``shapes_only`` builds from the config alone on
+    torch's meta device (no memory, no weights read, no causality check): for sizes.
     """
-    has_weights = _check_folder(folder)
+    has_weights = _check_folder(folder) and not shapes_only
     transformers = _import_transformers()
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     try:
-        with quiet_progress():
+        with quiet_progress(), torch.device("meta" if shapes_only else "cpu"):
             if has_weights:
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     folder, dtype=torch.float32, use_safetensors=True, **common
@@ -221,7 +224,8 @@ def build_hf_model(folder: Path, *, vocab_size: int | None = None) -> HFCausalLM
             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
         ) from error
     adapter = HFCausalLM(model, source=folder)
-    _check_causal(adapter, folder)
+    if not shapes_only:
+        _check_causal(adapter, folder)
     if vocab_size is not None and adapter.vocab_size < vocab_size:
         raise ModelError(
             f"the model in {folder} has {adapter.vocab_size} vocabulary rows but the data's "

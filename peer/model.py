@@ -264,6 +264,43 @@ def build_model(spec: str | ModelConfig, *, seed: int, vocab_size: int | None = 
         return ByteTransformer(cfg)
 
 
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """Sizes of the model a spec builds, known without building it for real."""
+
+    parameters: int
+    """Trainable scalars (tied weights once)."""
+    blocks: int | None
+    """Repeated blocks found by ``peer.fragments.find_blocks``; None if it finds none."""
+    max_seq_len: int | None
+    vocab_size: int
+
+
+def model_shape(spec: str, *, vocab_size: int | None = None) -> ModelShape:
+    """The sizes of ``build_model(spec, vocab_size=...)``, from the spec's config alone.
+
+    Built on torch's meta device: no memory, no weights read, fast for any size; for
+    checking settings (fragment count, sequence length) before the real model is built.
+    ModelError as :func:`build_model`.
+    """
+    from locod.peer.fragments import find_blocks
+
+    if is_hf_spec(spec):
+        from locod.peer.hf import build_hf_model
+
+        model: CausalLM = build_hf_model(hf_path(spec), vocab_size=vocab_size, shapes_only=True)
+    else:
+        with torch.device("meta"):
+            model = build_model(spec, seed=0, vocab_size=vocab_size)
+    blocks = find_blocks(model)
+    return ModelShape(
+        parameters=count_parameters(model),
+        blocks=None if blocks is None else len(blocks),
+        max_seq_len=model.max_seq_len,
+        vocab_size=model.vocab_size,
+    )
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

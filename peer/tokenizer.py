@@ -12,6 +12,7 @@ text the model was trained on; documents are separated by a newline, as in byte 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -40,6 +41,11 @@ class TextTokenizer(Protocol):
         """Human-readable origin, for logs and corpus descriptions."""
         ...
 
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the tokenizer's behaviour (it keys packed corpora and run configs)."""
+        ...
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -50,6 +56,7 @@ class ByteTokenizer:
 
     vocab_size = VOCAB_SIZE
     description = "bytes"
+    fingerprint = "bytes"
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(text.encode("utf-8")) for text in texts]
@@ -85,7 +92,7 @@ class FileTokenizer:
         """The tokenizer as ``tokenizers`` serialises it (what export writes)."""
         return str(self._tokenizer.to_str())
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """A short hash of the tokenizer as ``tokenizers`` re-serialises it, keys sorted: two
         files that differ only in layout or key order agree; any change to the vocabulary,

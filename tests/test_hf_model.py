@@ -24,7 +24,9 @@ from locod.peer.model import (
     ModelError,
     build_model,
     check_model_spec,
+    count_parameters,
     model_config,
+    model_shape,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -276,3 +278,33 @@ def test_nothing_is_fetched_from_the_network(
         torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True)
     )
     assert attempts == []
+
+
+def test_model_shape_matches_the_built_model_without_building_it(
+    config_only: Path, tmp_path: Path
+) -> None:
+    for spec, vocab in ((f"hf:{config_only}", None), ("tiny", None), ("tiny", 1000)):
+        shape = model_shape(spec, vocab_size=vocab)
+        built = build_model(spec, seed=0, vocab_size=vocab)
+        assert shape.parameters == count_parameters(built)
+        assert (shape.blocks, shape.max_seq_len, shape.vocab_size) == (
+            4,
+            built.max_seq_len,
+            built.vocab_size,
+        )
+    # A Llama of 1.2B parameters is sized from its config alone, on the meta device.
+    big = llama_folder(
+        tmp_path / "big",
+        32_000,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=False,
+    )
+    shape = model_shape(f"hf:{big}")
+    # embed + head 2·32000·2048, per layer 4·2048² + 3·2048·8192 + 2·2048 norms, final norm.
+    layer = 4 * 2048**2 + 3 * 2048 * 8192 + 2 * 2048
+    assert shape.parameters == 2 * 32_000 * 2048 + 16 * layer + 2048
+    assert shape.blocks == 16

@@ -44,7 +44,7 @@ def tokenizer(tokenizer_path: Path) -> FileTokenizer:
 def _read(tokenizer: FileTokenizer | None = None, **kwargs: str) -> ReadSettings:
     if tokenizer is None:
         return ReadSettings(**kwargs)
-    return ReadSettings(tokenizer=tokenizer, tokenizer_fingerprint=tokenizer.fingerprint, **kwargs)
+    return ReadSettings(tokenizer=tokenizer, **kwargs)
 
 
 def _ids(corpus: Corpus) -> np.ndarray:
