@@ -40,6 +40,7 @@ from locod.peer.formats import (
     TOKEN_DTYPES,
     TOKENS,
     CorpusError,
+    NotUTF8Error,
     file_format,
     is_binary_format,
     iter_jsonl,
@@ -73,6 +74,7 @@ _DEFAULT_SUFFIXES = (".py",)
 _FORMAT_VERSION = 2
 """Bumped when the packing of anything but plain byte text changes (part of the cache key)."""
 _ENCODE_BATCH = 256
+_CHUNKS_PER_CALL = 8
 _COPY_CHUNK = 1 << 22
 
 
@@ -188,6 +190,14 @@ def resolve_files(
     files, and ``.bin`` token files when ``token_files`` (a tokenizer reads the corpus),
     are binary by design and kept.
     """
+    return _resolve(sources, suffixes=suffixes, token_files=token_files)[0]
+
+
+def _resolve(
+    sources: Sequence[str], *, suffixes: tuple[str, ...] | None, token_files: bool
+) -> tuple[list[tuple[Path, str]], frozenset[Path]]:
+    """:func:`resolve_files`, and which of the files were named directly (not walked)."""
+    named: set[Path] = set()
 
     def looks_binary(path: Path) -> bool:
         if is_binary_format(file_format(path, token_files=token_files)):
@@ -218,6 +228,8 @@ def resolve_files(
                     continue
                 if path.stat().st_size:
                     found.setdefault(path.resolve(), path.name if named_directly else match)
+                    if named_directly:
+                        named.add(path.resolve())
                     matched_any = True
             elif not glob.has_magic(source):
                 raise CorpusError(f"data path {source} does not exist")
@@ -225,7 +237,7 @@ def resolve_files(
             raise CorpusError(f"data source {source} holds no non-empty text files")
     if not found:
         raise CorpusError("the corpus is empty: no non-empty text files were found")
-    return sorted(found.items(), key=lambda item: item[1])
+    return sorted(found.items(), key=lambda item: item[1]), frozenset(named)
 
 
 def _fingerprint(files: Sequence[tuple[Path, str]], extra: str = "") -> str:
@@ -286,15 +298,16 @@ def _write_file(path: Path, writer: _Writer) -> None:
             raise CorpusError(f"cannot read {path}: {error}") from error
         writer.raw(data)
     elif fmt == TEXT:
-        # A text file is one document, tokenized a chunk at a time: only its last chunk
-        # gets the closing newline.
-        previous: str | None = None
+        # A text file is one document, tokenized a few chunks per call (the tokenizer
+        # spreads a batch over its threads): only the last chunk gets the closing newline.
+        pending: list[str] = []
         for chunk in iter_text_chunks(path):
-            if previous is not None:
-                writer.encode([previous])
-            previous = chunk
-        if previous is not None:
-            writer.texts([previous])
+            pending.append(chunk)
+            if len(pending) > _CHUNKS_PER_CALL:
+                writer.encode(pending[:-1])
+                pending = pending[-1:]
+        writer.encode(pending[:-1])
+        writer.texts(pending[-1:])
     elif fmt == JSONL:
         batch: list[str] = []
         for text in iter_jsonl(path, read.text_field):
@@ -326,33 +339,55 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _pack(
-    files: Sequence[tuple[Path, str]], destination: Path, read: ReadSettings | None = None
+    files: Sequence[tuple[Path, str]],
+    destination: Path,
+    read: ReadSettings | None = None,
+    named: frozenset[Path] = frozenset(),
 ) -> None:
     """Concatenate files into ``<fp>.train`` / ``<fp>.heldout`` atomically (write, then rename).
 
     The ``.json`` written last marks the entry complete; a CorpusError from a corrupt file
-    leaves no trace but the temporary files, which are removed.
+    leaves no trace but the temporary files, which are removed. A text file that is not
+    UTF-8 (read through a tokenizer) is an error if it was ``named``, and skipped if it was
+    met in a folder or glob (the standard library holds a few Latin-1 test files), as
+    binary files are.
     """
     read = read or ReadSettings()
     destination.parent.mkdir(parents=True, exist_ok=True)
-    counts = {"train": 0, "heldout": 0}
+    counts = {"train": 0, "heldout": 0, "skipped": 0}
     temps: dict[str, Path] = {}
     handles: dict[str, BinaryIO] = {}
     try:
-        for split in counts:
+        for split in ("train", "heldout"):
             fd, name = tempfile.mkstemp(dir=destination.parent, prefix=".pack-")
             temps[split] = Path(name)
             handles[split] = os.fdopen(fd, "wb")
         writers = {split: _Writer(handle, read) for split, handle in handles.items()}
         for path, key in files:
             split = "heldout" if is_heldout(key) else "train"
-            _write_file(path, writers[split])
+            writer = writers[split]
+            position, ids = writer.handle.tell(), writer.ids
+            try:
+                _write_file(path, writer)
+            except NotUTF8Error:
+                if path in named:
+                    raise
+                writer.handle.seek(position)
+                writer.handle.truncate()
+                writer.ids = ids
+                counts["skipped"] += 1
+                continue
             counts[split] += 1
+        if counts["train"] + counts["heldout"] == 0:
+            raise CorpusError(
+                f"none of the {len(files)} text files is UTF-8, which a tokenizer reads"
+            )
         for handle in handles.values():
             handle.close()
         meta = {
             "train_files": counts["train"],
             "heldout_files": counts["heldout"],
+            "skipped_files": counts["skipped"],
             "dtype": read.dtype.name,
             "vocab_size": read.vocab_size,
         }
@@ -381,7 +416,7 @@ def load_corpus(
     is_default = not sources
     names = default_sources() if is_default else list(sources or [])
     token_files = read.tokenizer is not None
-    files = resolve_files(
+    files, named = _resolve(
         names, suffixes=_DEFAULT_SUFFIXES if is_default else None, token_files=token_files
     )
     formats = {file_format(path, token_files=token_files) for path, _ in files}
@@ -389,7 +424,7 @@ def load_corpus(
     meta_path = cache.with_suffix(".json")
     if not meta_path.exists():
         try:
-            _pack(files, cache, read)
+            _pack(files, cache, read, named)
         except OSError as error:
             raise CorpusError(
                 f"cannot write the packed corpus to {cache.parent}: {error}"
@@ -414,12 +449,17 @@ def load_corpus(
         else (", ".join(names))
     )
     unit = "bytes" if read.tokenizer is None else f"tokens of {read.tokenizer.description}"
+    used = int(meta["train_files"]) + int(meta["heldout_files"])
+    skipped = int(meta.get("skipped_files", 0))
+    skipped_note = f", {skipped} not UTF-8 skipped" if skipped else ""
     return Corpus(
         train=train,
         heldout=heldout,
         train_files=int(meta["train_files"]),
         heldout_files=int(meta["heldout_files"]),
-        description=f"{description} ({len(files)} files, {len(train) + len(heldout):,} {unit})",
+        description=(
+            f"{description} ({used} files{skipped_note}, {len(train) + len(heldout):,} {unit})"
+        ),
         vocab_size=vocab_size,
     )
 

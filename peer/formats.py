@@ -40,7 +40,7 @@ _LLMC_MAGIC: dict[int, tuple[int, np.dtype]] = {
     20240801: (7, np.dtype("<u4")),
 }
 """llm.c's token files: magic → (version, dtype of the ids)."""
-_TEXT_CHUNK_BYTES = 1 << 20
+_TEXT_CHUNK_BYTES = 1 << 18
 _PARQUET_BATCH_ROWS = 1024
 _TOKEN_CHUNK = 1 << 22
 _MIN_IDS_TO_JUDGE = 16
@@ -49,6 +49,10 @@ _MIN_IDS_TO_JUDGE = 16
 
 class CorpusError(ValueError):
     """The corpus cannot be used: a path is missing, a file is corrupt, or nothing is left."""
+
+
+class NotUTF8Error(CorpusError):
+    """A text file read through a tokenizer is not UTF-8 (skipped when met in a folder)."""
 
 
 def file_format(path: Path, *, token_files: bool) -> str:
@@ -144,12 +148,12 @@ def iter_parquet(path: Path, text_field: str) -> Iterator[list[str]]:
 
 
 def iter_text_chunks(path: Path) -> Iterator[str]:
-    """A text file as UTF-8 strings of about 1 MiB, cut after a newline where there is one.
+    """A text file as UTF-8 strings of about 256 KiB, cut after a newline where there is one.
 
     Tokenizing a file a chunk at a time bounds memory. Cutting at line ends keeps the ids
     what whole-file tokenizing gives for the usual pre-tokenizers, which split there, except
     where a cut line ends in spaces (GPT-2's pattern joins trailing spaces to the newline at
-    the end of a string): at most one place per MiB, the same on every machine.
+    the end of a string): at most one place per 256 KiB, the same on every machine.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     offset = 0
@@ -169,7 +173,7 @@ def iter_text_chunks(path: Path) -> Iterator[str]:
                 try:
                     text = decoder.decode(data, final=final)
                 except UnicodeDecodeError as error:
-                    raise CorpusError(
+                    raise NotUTF8Error(
                         f"{path} is not UTF-8 text (byte {offset + error.start}: "
                         f"{error.reason}); a tokenizer reads UTF-8"
                     ) from error

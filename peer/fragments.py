@@ -218,11 +218,14 @@ def _fragment_zero_anchors(model: nn.Module) -> set[int]:
     anchors = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
     }
-    output_embeddings = getattr(model, "get_output_embeddings", None)
-    if callable(output_embeddings):
-        head = output_embeddings()
-        if isinstance(head, nn.Module):
-            anchors.update(id(p) for p in head.parameters())
+    # The model itself, or the transformers model inside a wrapper, may name its head.
+    for module in model.modules():
+        output_embeddings = getattr(module, "get_output_embeddings", None)
+        if callable(output_embeddings):
+            head = output_embeddings()
+            if isinstance(head, nn.Module):
+                anchors.update(id(p) for p in head.parameters())
+            break
     return anchors
 
 

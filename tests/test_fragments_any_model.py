@@ -209,3 +209,24 @@ def test_explicit_fragments_must_match_the_fragment_count() -> None:
         ValueError, match="2 explicit fragments were given but the number of fragments is 3"
     ):
         derive_fragments(NoBlocks(), 3, names=[["a"], ["b"]])
+
+
+def test_a_transformers_head_goes_to_fragment_zero_when_no_blocks_are_found() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=8, n_layer=2, n_head=2, vocab_size=20, n_positions=8)
+    model = GPT2LMHeadModel(config)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untie
+
+    class Wrapper(nn.Module):  # hides transformer.h from the known names
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+    fragments = partition_by_order(Wrapper(), 3)
+    _assert_partition(model, fragments)
+    names0 = set(fragments[0].names)
+    assert {"inner.transformer.wte.weight", "inner.transformer.wpe.weight"} <= names0
+    assert "inner.lm_head.weight" in names0

@@ -163,6 +163,21 @@ def test_text_that_is_not_utf8_is_refused_with_its_offset(
     assert not list((tmp_path / "cache").glob("*"))  # nothing half-written
 
 
+def test_text_that_is_not_utf8_is_skipped_in_a_folder_as_binary_files_are(
+    tokenizer: FileTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("abc def\n")
+    # Valid chunks are written before the bad byte is met: they must be taken back.
+    monkeypatch.setattr(formats, "_TEXT_CHUNK_BYTES", 64)
+    (folder / "b.txt").write_bytes(b"ghi def\n" * 40 + b"caf\xe9\n")
+    (folder / "c.txt").write_text("ghi abc\n")
+    corpus = load_corpus([str(folder)], cache_dir=tmp_path / "cache", read=_read(tokenizer))
+    assert _ids(corpus).tolist() == _encode(tokenizer, "abc def\n", "ghi abc\n")
+    assert "(2 files, 1 not UTF-8 skipped," in corpus.description
+
+
 def test_a_different_tokenizer_packs_a_different_cache(
     tokenizer: FileTokenizer, tmp_path: Path
 ) -> None:
