@@ -39,7 +39,14 @@ import torch
 from locod.peer.fingerprint import describe_difference, model_description, model_fingerprint
 from locod.peer.fragments import assign_flat, derive_fragments
 from locod.peer.hf import HF_EXTRA_HINT, HFCausalLM, quiet_progress
-from locod.peer.model import ByteTransformer, CausalLM, ModelConfig, build_model, seeded
+from locod.peer.model import (
+    ByteTransformer,
+    CausalLM,
+    ModelConfig,
+    ModelError,
+    build_model,
+    seeded,
+)
 from locod.peer.tokenizer import (
     TOKENIZER_FILE,
     ByteTokenizer,
@@ -81,9 +88,18 @@ def global_model(
         raise ExportError("the checkpoint's run config names no model; pass the model spec")
     tokenizer_path = tokenizer_path or run.get("tokenizer") or None
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
-    model = build_model(
-        spec, seed=int(run.get("seed", 0)), vocab_size=tokenizer.vocab_size if tokenizer else None
-    )
+    try:
+        model = build_model(
+            spec,
+            seed=int(run.get("seed", 0)),
+            vocab_size=tokenizer.vocab_size if tokenizer else None,
+        )
+    except ModelError as error:
+        raise ExportError(
+            f"the run's model {spec!r} cannot be rebuilt here ({error}); give its spec "
+            "(--model: a preset or hf:PATH), or export from the code that built it "
+            "with peer.export.export_model"
+        ) from error
     expected = run.get("model_fingerprint")
     if isinstance(expected, str) and expected != model_fingerprint(model):
         theirs = run.get("model_description")

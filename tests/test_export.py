@@ -211,6 +211,16 @@ def test_a_checkpoint_of_another_model_is_refused(hf_run: dict[str, Any]) -> Non
     assert "does not fit model tiny" in result.output
 
 
+def test_a_model_built_in_python_needs_its_spec(byte_run: dict[str, Any]) -> None:
+    checkpoint = load_checkpoint(byte_run["state"])
+    assert checkpoint is not None
+    checkpoint["run_config"] = {**checkpoint["run_config"], "model": "custom"}
+    with pytest.raises(ExportError, match="the run's model 'custom' cannot be rebuilt here"):
+        global_model(checkpoint)
+    model, _ = global_model(checkpoint, model_spec="tiny")
+    assert isinstance(model, ByteTransformer)
+
+
 def test_a_fingerprint_in_the_run_config_is_checked(hf_run: dict[str, Any]) -> None:
     checkpoint = load_checkpoint(hf_run["state"])
     assert checkpoint is not None
