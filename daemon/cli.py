@@ -11,7 +11,13 @@ from typing import Any
 import click
 
 from locod.daemon.config import START_SETTINGS
-from locod.daemon.settings import ALGORITHM, build_algorithm, click_options, resolve
+from locod.daemon.settings import (
+    ALGORITHM,
+    build_algorithm,
+    build_read_settings,
+    click_options,
+    resolve,
+)
 
 # A simulation is a short run: sync often enough to see several rounds of every fragment.
 _SIMULATE_DEFAULTS = {"inner_steps": 25, "warmup_steps": 20}
@@ -91,6 +97,7 @@ def simulate(
     if "decay_steps" not in resolved.explicit:
         values["decay_steps"] = steps
     inner, outer = build_algorithm(values)
+    read = build_read_settings(values)
     try:
         cfg = SimulationConfig(
             method=method,
@@ -108,14 +115,14 @@ def simulate(
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     try:
-        corpus = load_corpus(values["data"] or None, cache_dir=values["cache_dir"])
+        corpus = load_corpus(values["data"] or None, cache_dir=values["cache_dir"], read=read)
     except CorpusError as error:
         raise click.UsageError(str(error)) from error
     say = _stderr
     say(f"corpus: {corpus.description}")
     try:
         result = run_simulation(cfg, corpus, progress=say)
-    except ValueError as error:
+    except ValueError as error:  # includes ModelError: an hf: folder that cannot be built
         raise click.UsageError(str(error)) from error
     if as_json:
         click.echo(json.dumps(result.as_json()))
@@ -276,6 +283,150 @@ def _relaunch_under_torchrun(nproc: int) -> None:
     ]
     click.echo(f"locod: starting {nproc} ranks of this site under torchrun", err=True)
     os.execv(sys.executable, command)
+
+
+_MODEL_OPTION = click.option(
+    "--model",
+    "model_spec",
+    default=None,
+    help="Model spec to rebuild θ_g with, if the run config's moved (e.g. hf:NEW/PATH).",
+)
+_TOKENIZER_OPTION = click.option(
+    "--tokenizer",
+    "tokenizer_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run's tokenizer.json, if the run config's moved or does not name it.",
+)
+
+
+def _global_model(state_dir: Path, model_spec: str | None, tokenizer_path: Path | None) -> Any:
+    """(model holding θ_g, tokenizer or None, checkpoint) from a state dir's checkpoint."""
+    from locod.daemon.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+    from locod.peer.export import ExportError, global_model
+    from locod.peer.tokenizer import TokenizerError
+
+    try:
+        checkpoint = load_checkpoint(state_dir)
+    except CheckpointError as error:
+        raise click.ClickException(str(error)) from error
+    if checkpoint is None:
+        raise click.ClickException(
+            f"{state_dir} holds no checkpoint ({checkpoint_path(state_dir).name}); give the "
+            "state dir of a daemon that has written one (--state-dir of locod start)"
+        )
+    try:
+        model, tokenizer = global_model(
+            checkpoint, model_spec=model_spec, tokenizer_path=tokenizer_path
+        )
+    except (ExportError, TokenizerError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    return model, tokenizer, checkpoint
+
+
+@locod.command("export")
+@click.argument("state_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_MODEL_OPTION
+@_TOKENIZER_OPTION
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a non-empty folder.")
+def export_command(
+    state_dir: Path,
+    out: Path,
+    model_spec: str | None,
+    tokenizer_path: Path | None,
+    overwrite: bool,
+) -> None:
+    """Write θ_g of STATE_DIR's checkpoint to the folder OUT, as safetensors.
+
+    hf: models are written as transformers writes them (AutoModelForCausalLM.from_pretrained
+    loads OUT), byte presets with a small JSON of their config. No network is started.
+    """
+    from locod.peer.export import ExportError, export_model, export_provenance
+
+    model, tokenizer, checkpoint = _global_model(state_dir, model_spec, tokenizer_path)
+    spec = model_spec or str(checkpoint["run_config"].get("model"))
+    try:
+        export_model(
+            model,
+            out,
+            tokenizer=tokenizer,
+            provenance=export_provenance(checkpoint, spec),
+            overwrite=overwrite,
+        )
+    except (ExportError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"θ_g of step {checkpoint.get('step')} written to {out}")
+
+
+@locod.command("sample")
+@click.argument("source", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--prompt", default="", help="Text to continue (default: a new document).")
+@click.option("--max-new-tokens", type=int, default=200, show_default=True, help="Tokens to add.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=0.8,
+    show_default=True,
+    help="Softmax temperature (0: always the likeliest token).",
+)
+@click.option(
+    "--top-k", type=int, default=40, show_default=True, help="Keep the k likeliest (0: all)."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+@_MODEL_OPTION
+@_TOKENIZER_OPTION
+def sample_command(
+    source: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    model_spec: str | None,
+    tokenizer_path: Path | None,
+) -> None:
+    """Print PROMPT and its continuation by θ_g of SOURCE.
+
+    SOURCE is a daemon's state dir (its checkpoint) or a folder locod export wrote.
+    No network is started.
+    """
+    from locod.daemon.checkpoint import checkpoint_path
+    from locod.peer.export import ExportError, load_export
+    from locod.peer.sampling import sample_text
+    from locod.peer.tokenizer import (
+        ByteTokenizer,
+        TextTokenizer,
+        TokenizerError,
+        load_tokenizer,
+    )
+
+    tokenizer: TextTokenizer
+    if checkpoint_path(source).exists():
+        model, loaded, _ = _global_model(source, model_spec, tokenizer_path)
+        tokenizer = loaded or ByteTokenizer()
+    else:
+        try:
+            model, tokenizer = load_export(source)
+            if tokenizer_path is not None:
+                tokenizer = load_tokenizer(tokenizer_path)
+        except (ExportError, TokenizerError, ValueError) as error:
+            raise click.ClickException(
+                f"{source} is neither a state dir with a checkpoint nor an export folder: {error}"
+            ) from error
+    try:
+        text = sample_text(
+            model,
+            tokenizer,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    click.echo(prompt + text)
 
 
 def _stderr(line: str) -> None:

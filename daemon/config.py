@@ -21,7 +21,7 @@ from locod.daemon.settings import ALGORITHM, Setting, build_algorithm
 from locod.peer.config import OuterConfig
 from locod.peer.fragments import auto_fragment_count, validate_fragment_count, validate_schedule
 from locod.peer.inner import InnerConfig
-from locod.peer.model import model_config
+from locod.peer.model import model_shape
 
 PROTOCOL_VERSION = 1
 DEFAULT_RUN = "locod-demo"
@@ -201,18 +201,28 @@ SITE_SETTINGS: tuple[Setting, ...] = tuple(s for s in DAEMON if s.name not in TR
 """Settings of one site's network side: what ``locod.found`` / ``locod.join`` take."""
 
 
+IDENTITY_KEYS = ("model_fingerprint", "model_architecture", "tokenizer_fingerprint")
+"""What the run config says about the model and tokenizer beyond the settings: peers
+whose model structure or tokenizer differ cannot meet in one run."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunConfig:
-    """What every peer of a run must agree on: the run-scoped settings, 'auto' resolved.
+    """What every peer of a run must agree on: the run-scoped settings ('auto' resolved),
+    and what the model and tokenizer are.
 
-    ``values`` holds one entry per run-scoped setting of :data:`daemon.settings.ALGORITHM`;
-    ``model_hash`` fingerprints the model's structure (parameter names, shapes, dtypes),
-    so that peers training different models cannot meet in one run even when both call
-    their model ``custom``.
+    ``values`` holds one entry per run-scoped setting of :data:`daemon.settings.ALGORITHM`.
+    ``model_fingerprint`` hashes the model's structure (architecture, parameter names,
+    shapes, dtypes; :func:`peer.fingerprint.model_fingerprint`), ``model_architecture``
+    is its small architecture part (to say how two models differ), and
+    ``tokenizer_fingerprint`` hashes the tokenizer ('' for bytes). A model the user built
+    is named ``custom``: its fingerprint tells it apart.
     """
 
     values: dict[str, Any]
-    model_hash: str = ""
+    model_fingerprint: str = ""
+    model_architecture: dict[str, Any] = field(default_factory=dict)
+    tokenizer_fingerprint: str = ""
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -238,7 +248,12 @@ class RunConfig:
         return str(self.values["layout"])
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.values, "model_hash": self.model_hash}
+        return {
+            **self.values,
+            "model_fingerprint": self.model_fingerprint,
+            "model_architecture": self.model_architecture,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+        }
 
     @property
     def hash(self) -> str:
@@ -250,14 +265,25 @@ class RunConfig:
         missing = sorted(set(RUN_KEYS) - set(data))
         if missing:
             raise ValueError(f"run config is missing {', '.join(missing)}")
+        architecture = data.get("model_architecture") or {}
+        if not isinstance(architecture, dict):
+            raise ValueError("run config's model_architecture is not a mapping")
         return cls(
             values={key: data[key] for key in RUN_KEYS},
-            model_hash=str(data.get("model_hash", "")),
+            model_fingerprint=str(data.get("model_fingerprint", "")),
+            model_architecture=architecture,
+            tokenizer_fingerprint=str(data.get("tokenizer_fingerprint", "")),
         )
 
-    def replace(self, **changes: Any) -> RunConfig:
-        model_hash = changes.pop("model_hash", self.model_hash)
-        return RunConfig(values={**self.values, **changes}, model_hash=model_hash)
+    def with_identity(
+        self, *, model_fingerprint: str, model_architecture: dict[str, Any], tokenizer: str
+    ) -> RunConfig:
+        return RunConfig(
+            values=dict(self.values),
+            model_fingerprint=model_fingerprint,
+            model_architecture=model_architecture,
+            tokenizer_fingerprint=tokenizer,
+        )
 
 
 def config_hash(run_config: dict[str, Any]) -> str:
@@ -269,29 +295,47 @@ def config_hash(run_config: dict[str, Any]) -> str:
 def run_config_from(values: dict[str, Any], *, num_blocks: int | None = None) -> RunConfig:
     """The run config for resolved settings, with 'auto' fragments made concrete.
 
-    ``num_blocks`` is the model's number of transformer blocks; it defaults to the preset's.
+    ``num_blocks`` is the model's number of repeated blocks; by default the spec's (a
+    preset or ``hf:PATH``, sized without building it). A model without blocks gets P = 1.
     """
     data = {key: values[key] for key in RUN_KEYS}
     if data["fragments"] == 0:
-        blocks = model_config(data["model"]).n_layers if num_blocks is None else num_blocks
-        data["fragments"] = auto_fragment_count(blocks)
+        blocks = model_shape(data["model"]).blocks if num_blocks is None else num_blocks
+        data["fragments"] = auto_fragment_count(blocks) if blocks else 1
     return RunConfig(values=data)
 
 
 def differing_settings(
     run: dict[str, Any], ours: dict[str, Any], explicit: frozenset[str]
 ) -> list[str]:
-    """Settings this peer set on purpose that contradict the run's, as 'name: ours vs run'."""
+    """Settings this peer set on purpose that contradict the run's, as 'name: ours vs run';
+    and any difference of model structure or tokenizer, whoever set them."""
     lines = []
     for key in RUN_KEYS:
         if key in explicit and key in run and ours.get(key) != run[key]:
             if key == "fragments" and ours.get(key) == 0:
                 continue  # "auto" agrees with whatever the run resolved it to
             lines.append(f"{key}: this peer has {ours.get(key)!r}, the run has {run[key]!r}")
-    if ours.get("model_hash") and run.get("model_hash") and ours["model_hash"] != run["model_hash"]:
+    mine, theirs = ours.get("model_fingerprint"), run.get("model_fingerprint")
+    if mine and theirs and mine != theirs:
+        from locod.peer.fingerprint import describe_difference
+
+        words = describe_difference(
+            {"architecture": ours.get("model_architecture") or {}},
+            {"architecture": run.get("model_architecture") or {}},
+        )
         lines.append(
-            f"model: this peer's model has structure {ours['model_hash']}, the run's "
-            f"{run['model_hash']} (different parameter names, shapes or dtypes)"
+            f"model: this peer's model has fingerprint {mine}, the run's {theirs}"
+            + (f" ({'; '.join(words)})" if words else " (parameter names, shapes or dtypes)")
+        )
+    mine, theirs = ours.get("tokenizer_fingerprint"), run.get("tokenizer_fingerprint")
+    if mine is not None and theirs is not None and mine != theirs:
+        lines.append(
+            "tokenizer: "
+            + (f"this peer's is {mine}" if mine else "this peer reads bytes")
+            + ", "
+            + (f"the run's is {theirs}" if theirs else "the run reads bytes")
+            + " (give the run's tokenizer.json with --tokenizer)"
         )
     return lines
 
@@ -424,13 +468,14 @@ class DaemonConfig:
             raise ValueError(f"nproc_per_node must be at least 1, got {self.nproc_per_node}")
         if not self.rank_timeout_s > 0:
             raise ValueError(f"rank_timeout must be positive, got {self.rank_timeout_s}")
-        mcfg = model_config(self.run.model)
-        validate_fragment_count(self.run.fragments, mcfg.n_layers)
+        shape = model_shape(self.run.model)
+        if shape.blocks is not None:
+            validate_fragment_count(self.run.fragments, shape.blocks)
         validate_schedule(self.run.inner_steps, self.run.fragments)
-        if self.inner.seq_len > mcfg.max_seq_len:
+        if shape.max_seq_len is not None and self.inner.seq_len > shape.max_seq_len:
             raise ValueError(
                 f"seq_len {self.inner.seq_len} exceeds model {self.run.model}'s maximum "
-                f"{mcfg.max_seq_len}"
+                f"{shape.max_seq_len}"
             )
 
     def loggable(self) -> dict[str, Any]:

@@ -94,7 +94,28 @@ def init_ranks(device: torch.device, timeout_s: float) -> RankGroup | None:
         return None
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The ranks of a restarted site meet in a namespace of their own attempt: keys
+            # the previous attempt left in the agent's store (a dead rank's address) must
+            # not be read as this attempt's.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent_store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                ranks.world,
+                is_master=False,
+                timeout=timeout,
+            )
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(f"locod/attempt-{attempt}", agent_store),
+                rank=ranks.rank,
+                world_size=ranks.world,
+                timeout=timeout,
+            )
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return RankGroup(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=ranks.local_rank)
 
 

@@ -22,8 +22,6 @@ its state stay theirs; what else goes in the checkpoint is up to ``checkpoint_ex
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import threading
 import time
@@ -51,35 +49,25 @@ from locod.daemon.state_transfer import DownloadError
 from locod.daemon.status import FragmentFigures
 from locod.peer.averaging import SyncOutcome, SyncRequest
 from locod.peer.config import OuterConfig
+from locod.peer.fingerprint import fingerprint, model_description
 from locod.peer.fragments import (
     Fragment,
     assign_flat,
+    derive_fragments,
+    find_blocks,
     fragments_due,
     next_sync_step,
     partition,
+    partition_by_order,
 )
 from locod.peer.streaming import StreamingDiLoCo
+from locod.peer.tokenizer import tokenizer_fingerprint
 
 RESERVED_CHECKPOINT_KEYS = frozenset({"format", "run_config", "step", "tokens", "outer"})
 """Keys of a checkpoint that belong to the outer loop; ``checkpoint_extra`` adds others."""
 
 CUSTOM_MODEL = "custom"
 """The ``model`` run setting of a model the user built (its structure hash tells it apart)."""
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's structure: trainable parameter names, shapes and dtypes.
-
-    Peers training models of different structure must not meet in one run; this hash in
-    the run config makes such a joiner fail with a clear message instead of sending
-    outer gradients the others cannot decode.
-    """
-    described = [
-        (name, list(p.shape), str(p.dtype))
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    ]
-    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:12]
 
 
 def algorithm_values(options: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +110,8 @@ def attach(
     stop: threading.Event | None = None,
     ranks: RankGroup | None = None,
     device: torch.device | None = None,
+    fragment_names: Sequence[Sequence[str]] | None = None,
+    tokenizer: str | None = None,
     **options: Any,
 ) -> OuterLoop:
     """Put ``model`` under Streaming DiLoCo on ``site`` and return the loop to step.
@@ -129,7 +119,11 @@ def attach(
     Options are the algorithm settings of ``locod start`` by name (``inner_steps``,
     ``fragments``, ``overlap``, ``alpha``, ``outer_lr``, ``wire``, ...); those given are
     *explicit*: a joiner whose explicit option contradicts the run's config is refused.
-    ``blocks`` are the model's repeated transformer blocks (default: ``model.blocks``).
+    ``blocks`` are the model's repeated transformer blocks (found by default:
+    ``model.model.layers``, ``transformer.h``, ``blocks``, ...; a model without any is
+    fragmented by parameter order); ``fragment_names`` gives the fragments explicitly
+    (lists of parameter names). ``tokenizer``: the path of the tokenizer.json the data
+    was read through (peers must agree on it; None: bytes or the user's own).
     ``locod start`` passes its resolved ``values``/``explicit`` and ``outer`` instead.
     ``checkpoint_extra`` returns more state to keep in each checkpoint (the built-in
     trainer's model, optimizer and data position); ``restore_extra`` gets it back (on
@@ -147,15 +141,22 @@ def attach(
     elif options:
         raise TypeError("pass either values= or algorithm options, not both")
     explicit = explicit or frozenset()
-    blocks = _blocks_of(model, blocks)
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
+    split = _splitter(model, blocks, fragment_names)
     ranks = ranks if ranks is not None else group_of_initialized()
     device = device or next(model.parameters()).device
     if ranks is not None and not ranks.leader:
-        return _attach_follower(site, model, blocks, ranks, device, checkpoint_extra, restore_extra)
+        return _attach_follower(site, model, split, ranks, device, checkpoint_extra, restore_extra)
     if not isinstance(site, Site):
         raise TypeError("rank 0 of a site (or a one-process site) needs a Site")
-    fingerprint = model_fingerprint(model)
-    ours = run_config_from(values, num_blocks=len(blocks)).replace(model_hash=fingerprint)
+    if fragment_names is not None:
+        values = {**values, "fragments": len(fragment_names)}
+    description = model_description(model)
+    ours = run_config_from(values, num_blocks=len(blocks) if blocks else 0).with_identity(
+        model_fingerprint=fingerprint(description),
+        model_architecture=description["architecture"],
+        tokenizer=tokenizer_fingerprint(tokenizer) if tokenizer else "",
+    )
     run = _settle_run_config(site, ours, values, explicit)
     if outer is None or run.values != ours.values:
         _, outer = build_algorithm({**values, **run.values})
@@ -167,7 +168,7 @@ def attach(
             f"{checkpoint.get('run_config')}, not {run.as_dict()}; use another "
             "state dir or the run's settings"
         )
-    fragments = partition(model, list(blocks), run.fragments, run.layout)
+    fragments = split(run)
     sync: RankSync | None = None
     if ranks is not None:
         broadcast_object(run.as_dict(), ranks)
@@ -218,22 +219,28 @@ def attach(
     return loop
 
 
-def _blocks_of(model: nn.Module, blocks: Sequence[nn.Module] | None) -> list[nn.Module]:
-    if blocks is not None:
-        return list(blocks)
-    found = getattr(model, "blocks", None)
-    if not isinstance(found, nn.ModuleList | list | tuple):
-        raise TypeError(
-            "cannot tell the model's transformer blocks: pass blocks=[...] "
-            "(the repeated layers, e.g. model.model.layers)"
-        )
-    return list(found)
+def _splitter(
+    model: nn.Module,
+    blocks: list[nn.Module] | None,
+    names: Sequence[Sequence[str]] | None,
+) -> Callable[[RunConfig], list[Fragment]]:
+    """How this model is cut into the run's fragments: explicit names, else its blocks,
+    else parameter order (the same rule on every peer and rank)."""
+
+    def split(run: RunConfig) -> list[Fragment]:
+        if names is not None:
+            return derive_fragments(model, run.fragments, run.layout, names=names)
+        if blocks:
+            return partition(model, blocks, run.fragments, run.layout)
+        return partition_by_order(model, run.fragments)
+
+    return split
 
 
 def _attach_follower(
     site: Site | FollowerSite,
     model: nn.Module,
-    blocks: list[nn.Module],
+    split: Callable[[RunConfig], list[Fragment]],
     ranks: RankGroup,
     device: torch.device,
     checkpoint_extra: Callable[[], dict[str, Any]] | None,
@@ -241,7 +248,7 @@ def _attach_follower(
 ) -> OuterLoop:
     """A rank other than 0: mirror rank 0's collectives of :func:`attach`."""
     run = RunConfig.from_dict(broadcast_object(None, ranks))
-    fragments = partition(model, blocks, run.fragments, run.layout)
+    fragments = split(run)
     sync = RankSync(ranks, fragments, device=device)
     sync.gather(range(len(fragments)))
     loop = OuterLoop(site, None, run, checkpoint_extra=checkpoint_extra, sync=sync)
@@ -271,8 +278,8 @@ def _settle_run_config(
             f"no run named {site.cfg.run_name!r} was found through "
             f"{', '.join(site.cfg.join)}; check the run name and the join address"
         )
-    mine = {**values, **ours.values, "model_hash": ours.model_hash}
-    differing = differing_settings(published, mine, explicit | {"model_hash"})
+    mine = {**values, **ours.as_dict()}
+    differing = differing_settings(published, mine, explicit)
     if differing:
         raise _start_error(
             "this peer's settings contradict the run's config:\n  "
@@ -283,8 +290,12 @@ def _settle_run_config(
         theirs = RunConfig.from_dict(published)
     except ValueError as error:
         raise _start_error(f"the run's published config is unusable: {error}") from error
-    adopted = {k: theirs.values[k] for k in RUN_KEYS}
-    return RunConfig(values=adopted, model_hash=ours.model_hash)
+    adopted = RunConfig(values={k: theirs.values[k] for k in RUN_KEYS})
+    return adopted.with_identity(
+        model_fingerprint=ours.model_fingerprint,
+        model_architecture=ours.model_architecture,
+        tokenizer=ours.tokenizer_fingerprint,
+    )
 
 
 def _read_checkpoint(site: Site) -> dict[str, Any] | None:
@@ -333,6 +344,10 @@ class OuterLoop:
         self._last_checkpoint = time.monotonic()
         self._began = time.monotonic()
         self._rate_window: list[tuple[float, int]] = []
+        self.outer_s = 0.0
+        """Wall time the training thread spent in the outer loop (send, apply, merge,
+        intra-site collectives), not counting checkpoints."""
+        self._first_step: tuple[float, int] | None = None
 
     @property
     def leader(self) -> bool:
@@ -362,6 +377,9 @@ class OuterLoop:
             return self._follow()
         worker, ctx = self.worker, self.site.ctx
         assert ctx is not None
+        began = time.perf_counter()
+        if self._first_step is None:
+            self._first_step = (began, self.tokens)
         self.inner_step += 1
         self.tokens += int(tokens)
         ctx.step = self.inner_step
@@ -393,6 +411,7 @@ class OuterLoop:
                 Outcome(self.inner_step, tuple(changed), reset, checkpoint, self.should_stop)
             )
             self.sync.distribute(changed)
+        self.outer_s += time.perf_counter() - began
         self.publish_figures(loss)
         if checkpoint:
             self.checkpoint()
@@ -448,6 +467,19 @@ class OuterLoop:
         self.should_stop = True
         self.publish_figures(None)
         self.checkpoint()
+        collective = f"; {sync.collective_s:.2f}s of it intra-site collectives" if sync else ""
+        t0, k0 = self._first_step or (time.perf_counter(), self.tokens)
+        elapsed = max(1e-9, time.perf_counter() - t0)
+        self.site.log.info(
+            "outer loop: %.2fs over %d steps in sends, applies and merges%s; "
+            "trained %d tokens in %.2fs (%.0f tokens/s)",
+            self.outer_s,
+            self.inner_step,
+            collective,
+            self.tokens - k0,
+            elapsed,
+            (self.tokens - k0) / elapsed,
+        )
 
     # -- state ----------------------------------------------------------------------------
 

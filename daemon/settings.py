@@ -22,10 +22,13 @@ import click
 
 from locod.peer.codec import WireFormat
 from locod.peer.config import LATE_POLICIES, OuterConfig
+from locod.peer.data import ReadSettings
+from locod.peer.formats import TOKEN_DTYPES, CorpusError
 from locod.peer.fragments import LAYOUTS
 from locod.peer.inner import INNER_OPTIMIZERS, InnerConfig
-from locod.peer.model import MODEL_PRESETS
+from locod.peer.model import MODEL_PRESETS, ModelError, check_model_spec
 from locod.peer.quantize import CODECS
+from locod.peer.tokenizer import TokenizerError, load_tokenizer
 
 F = TypeVar("F", bound=Callable[..., Any])
 Scope = Literal["run", "peer"]
@@ -59,8 +62,29 @@ def _choice(values: Iterable[str]) -> click.Choice:
     return click.Choice(list(values))
 
 
+class ModelSpec(click.ParamType):
+    """A preset name or ``hf:PATH``; the folder itself is read when the model is built."""
+
+    name = "preset or hf:PATH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            check_model_spec(text)
+        except ModelError as error:
+            self.fail(str(error), param, ctx)
+        return text
+
+
 ALGORITHM: tuple[Setting, ...] = (
-    Setting("model", _choice(MODEL_PRESETS), "small", "Model preset.", "run"),
+    Setting(
+        "model",
+        ModelSpec(),
+        "small",
+        f"Model: a preset ({', '.join(MODEL_PRESETS)}) or hf:PATH, a local transformers "
+        "folder (config.json, with or without safetensors weights; nothing is downloaded).",
+        "run",
+    ),
     Setting(
         "seed",
         int,
@@ -122,15 +146,36 @@ ALGORITHM: tuple[Setting, ...] = (
     Setting("weight_decay", float, 0.1, "Inner AdamW weight decay."),
     Setting("grad_clip", float, 1.0, "Inner gradient-norm clip (0: off)."),
     Setting("batch_size", int, 8, "Sequences per inner step."),
-    Setting("seq_len", int, 128, "Bytes per sequence."),
+    Setting("seq_len", int, 128, "Tokens per sequence (bytes, without a tokenizer)."),
     Setting(
         "data",
         str,
         (),
-        "Text files, folders or globs (repeatable; default: the running "
-        "Python's standard library).",
+        "Files, folders or globs (repeatable): text, .jsonl, .parquet, and with a "
+        "tokenizer .bin token ids (default: the running Python's standard library).",
         multiple=True,
         metavar="PATH",
+    ),
+    Setting(
+        "tokenizer",
+        click.Path(path_type=Path),
+        None,
+        "A local tokenizer.json (or a folder holding one) to read --data through "
+        "(default: bytes, vocabulary 256).",
+        metavar="PATH",
+    ),
+    Setting(
+        "text_field",
+        str,
+        "text",
+        "The field of .jsonl records and the column of .parquet files that holds the text.",
+    ),
+    Setting(
+        "token_dtype",
+        _choice(TOKEN_DTYPES),
+        "auto",
+        "Ids of .bin token files (auto: an llm.c header's, else uint16 when the "
+        "vocabulary fits 16 bits, else uint32).",
     ),
     Setting(
         "cache_dir",
@@ -243,6 +288,19 @@ def _convert(setting: Setting, value: Any) -> Any:
         return value
     param_type = click.types.convert_type(setting.type)
     return param_type.convert(value, None, None)
+
+
+def build_read_settings(values: dict[str, Any]) -> ReadSettings:
+    """How --data becomes ids: loads the tokenizer, if any; errors become click.UsageError."""
+    try:
+        tokenizer = load_tokenizer(values["tokenizer"]) if values.get("tokenizer") else None
+        return ReadSettings(
+            tokenizer=tokenizer,
+            text_field=values["text_field"],
+            token_dtype=values["token_dtype"],
+        )
+    except (TokenizerError, CorpusError) as error:
+        raise click.UsageError(str(error)) from error
 
 
 def build_algorithm(values: dict[str, Any]) -> tuple[InnerConfig, OuterConfig]:

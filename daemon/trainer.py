@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+import click
 import torch
 from torch import nn
 
@@ -35,11 +36,12 @@ from locod.daemon.distributed import (
 )
 from locod.daemon.live import LiveView
 from locod.daemon.outer_loop import OuterLoop
+from locod.daemon.settings import build_read_settings
 from locod.daemon.site import Site, StartError
 from locod.peer.data import BatchSampler, Corpus, CorpusError, heldout_batches, load_corpus
-from locod.peer.fragments import partition
+from locod.peer.fragments import derive_fragments, find_blocks
 from locod.peer.inner import InnerTrainer, evaluate
-from locod.peer.model import ByteTransformer, build_model, model_config
+from locod.peer.model import CausalLM, ModelError, build_model
 
 PARALLEL_MODES = ("auto", "ddp", "fsdp")
 
@@ -47,7 +49,7 @@ PARALLEL_MODES = ("auto", "ddp", "fsdp")
 class _Loss(nn.Module):
     """The model's loss as a module's forward, so DDP synchronizes its gradients."""
 
-    def __init__(self, model: ByteTransformer) -> None:
+    def __init__(self, model: CausalLM) -> None:
         super().__init__()
         self.model = model
 
@@ -100,9 +102,12 @@ class Trainer:
         """Before the site starts, so that a bad --data or --device fails in seconds."""
         cfg = self.cfg
         try:
-            self.corpus = load_corpus(cfg.data or None, cache_dir=cfg.cache_dir)
+            read = build_read_settings(cfg.values)
+            self.corpus = load_corpus(cfg.data or None, cache_dir=cfg.cache_dir, read=read)
         except CorpusError as error:
             raise StartError(str(error)) from error
+        except click.UsageError as error:
+            raise StartError(error.message) from error
         self.log.info("corpus: %s", self.corpus.description)
         device = torch.device(cfg.device)
         if device.type == "cuda":
@@ -147,14 +152,18 @@ class Trainer:
         cfg, corpus, ranks = self.cfg, self.corpus, self.ranks
         assert corpus is not None
         world, rank = (ranks.world, ranks.rank) if ranks is not None else (1, 0)
-        model = build_model(model_config(cfg.run.model), seed=cfg.run.seed).to(self.device)
+        try:
+            model = build_model(cfg.run.model, seed=cfg.run.seed, vocab_size=corpus.vocab_size)
+        except ModelError as error:
+            raise StartError(str(error)) from error
+        model = model.to(self.device)
         # Rank 0 evaluates θ_g on a whole copy (taken before any sharding).
-        eval_model: ByteTransformer = copy.deepcopy(model) if self.leader else model
+        eval_model: CausalLM = copy.deepcopy(model) if self.leader else model
         mode = choose_parallel(cfg.parallel, model, self.device)
         if ranks is not None and mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for block in model.blocks:
+            for block in find_blocks(model) or []:
                 fully_shard(block)
             fully_shard(model)
         self.trainer = trainer = InnerTrainer(model, cfg.inner, device=self.device)
@@ -181,14 +190,12 @@ class Trainer:
             num_batches=cfg.eval_batches,
         )
         eval_fragments = (
-            partition(eval_model, list(eval_model.blocks), cfg.run.fragments, cfg.run.layout)
-            if self.leader
-            else []
+            derive_fragments(eval_model, cfg.run.fragments, cfg.run.layout) if self.leader else []
         )
         max_steps = cfg.max_steps
+        tokenizer = cfg.values.get("tokenizer") or None
         self.outer = outer = site.streaming_diloco(
             model,
-            blocks=list(model.blocks),
             outer=cfg.outer,
             values=cfg.values,
             explicit=cfg.explicit,
@@ -198,6 +205,7 @@ class Trainer:
             stop=self.stop,
             ranks=ranks,
             device=self.device,
+            tokenizer=str(tokenizer) if tokenizer else None,
         )
 
         def evaluate_outer() -> None:
@@ -260,9 +268,12 @@ class Trainer:
         """This trainer's share of a checkpoint (a collective under FSDP2: every rank)."""
         trainer, sampler = self.trainer, self.sampler
         assert trainer is not None and sampler is not None
+        tokenizer = self.cfg.values.get("tokenizer")
         return {
             "inner_step": trainer.step,
             "sampler": sampler.state_dict(),
+            # Where this peer's tokenizer is, for `locod export` / `sample` (a local path).
+            "tokenizer": str(tokenizer) if tokenizer else None,
             **state_dict_of(trainer.model, trainer.optimizer),
         }
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from locod.peer.model import ByteTransformer
+from locod.peer.model import LanguageModel
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
 
@@ -42,7 +42,7 @@ class InnerConfig:
     batch_size: int = 8
     """Sequences per inner step on this peer."""
     seq_len: int = 128
-    """Bytes per sequence."""
+    """Tokens (bytes, for byte models) per sequence."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in INNER_OPTIMIZERS:
@@ -97,20 +97,34 @@ def build_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+def require_language_model(model: nn.Module) -> LanguageModel:
+    """``model`` itself, once checked to have ``loss(inputs, targets)``; else a TypeError."""
+    if not isinstance(model, LanguageModel):
+        raise TypeError(
+            f"{type(model).__name__} has no loss(inputs, targets) method; locod trains modules "
+            "that return their mean next-token cross-entropy from it (see peer.model)"
+        )
+    return model
+
+
 class InnerTrainer:
     """One peer's model, optimizer and step counter.
 
     ``backward`` and ``optimizer_step`` are separate so that a data-parallel baseline can
-    average gradients between them; ``train_step`` does both.
+    average gradients between them; ``train_step`` does both. Any ``nn.Module`` with a
+    ``loss(inputs, targets)`` method (:class:`peer.model.LanguageModel`) can be trained.
     """
 
-    def __init__(self, model: ByteTransformer, cfg: InnerConfig, *, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, cfg: InnerConfig, *, device: torch.device) -> None:
+        require_language_model(model)
         self.model = model.to(device)
         self.cfg = cfg
         self.device = device
         self.optimizer = build_optimizer(self.model, cfg)
         self.step = 0
-        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model.loss
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = require_language_model(
+            self.model
+        ).loss
         """What ``backward`` differentiates: the model's loss, or a wrapper of it that
         synchronizes gradients between ranks (a DistributedDataParallel module)."""
 
@@ -147,9 +161,8 @@ class InnerTrainer:
 def evaluate(
     model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> float:
-    """Mean loss over fixed held-out batches."""
-    if not isinstance(model, ByteTransformer):
-        raise TypeError("evaluate expects a ByteTransformer")
+    """Mean loss over fixed held-out batches (any :class:`peer.model.LanguageModel`)."""
+    language_model = require_language_model(model)
     was_training = model.training
     model.eval()
     total = 0.0
@@ -157,6 +170,6 @@ def evaluate(
         with torch.autocast(
             device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
         ):
-            total += float(model.loss(inputs.to(device), targets.to(device)))
+            total += float(language_model.loss(inputs.to(device), targets.to(device)))
     model.train(was_training)
     return total / max(1, len(batches))

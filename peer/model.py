@@ -1,19 +1,75 @@
-"""A decoder-only transformer over bytes: vocabulary 256, so no tokenizer to download.
+"""Models: the built-in byte-level transformer, and one builder for every model spec.
 
-Pre-norm blocks with scaled-dot-product attention. The model exposes ``blocks`` (its list
-of transformer blocks); that is all the fragment code needs to know about a model, so any
-model with such a list can be trained by locod.
+A *model spec* names what to train: a preset of the byte-level transformer (``tiny``,
+``small``, ``base``, ``1b``: vocabulary 256, so no tokenizer to download) or ``hf:PATH``, a
+transformers causal LM in a local folder (see :mod:`peer.hf`, imported only for such specs
+so that byte-level runs never load transformers). :func:`build_model` builds either.
+
+What the rest of locod needs of a model is small: the inner loop calls ``loss(inputs,
+targets)`` (:class:`LanguageModel`); fragments need its repeated blocks, found by
+``peer.fragments.find_blocks``; sampling and export need logits, the vocabulary size and
+the longest sequence, which every model locod builds offers (:class:`CausalLM`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, overload, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 VOCAB_SIZE = 256
+HF_PREFIX = "hf:"
+"""Model specs that start with this name a local transformers folder: ``hf:PATH``."""
+
+
+class ModelError(ValueError):
+    """A model spec cannot be built: the message names the spec and what to fix."""
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What the inner loop and evaluation need of a model (any ``nn.Module`` with it will do).
+
+    ``loss`` is the mean next-token cross-entropy in nats of ``targets`` given ``inputs``
+    (both int64, shape (batch, seq)), computed in fp32 whatever the autocast dtype.
+    """
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+
+class CausalLM(nn.Module, abc.ABC):
+    """A causal language model as locod builds them: logits, loss, vocabulary, longest input.
+
+    ``forward(tokens)`` gives logits of shape (batch, seq, vocab); :meth:`loss` is the
+    cross-entropy of those logits in fp32, the same for every model so that losses of a
+    byte model and of a transformers model are comparable numbers (nats per token).
+    """
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Rows of the output layer: every id a batch may hold is below this."""
+
+    @property
+    @abc.abstractmethod
+    def max_seq_len(self) -> int | None:
+        """The longest sequence the model takes, or None if it has no fixed limit."""
+
+    @abc.abstractmethod
+    def architecture(self) -> dict[str, Any]:
+        """What defines the model's function besides its parameters' shapes (JSON values)."""
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats, computed in fp32."""
+        logits = self(inputs)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -31,7 +87,7 @@ class ModelConfig:
     max_seq_len: int = 1024
     """Longest sequence the position embedding covers."""
     vocab_size: int = VOCAB_SIZE
-    """Bytes: always 256."""
+    """256 for bytes (every preset); a tokenizer's vocabulary when built for one."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "vocab_size"):
@@ -92,8 +148,8 @@ class Block(nn.Module):
         return x + self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
-class ByteTransformer(nn.Module):
-    """Decoder-only language model over bytes."""
+class ByteTransformer(CausalLM):
+    """Decoder-only language model over bytes (or over a tokenizer's ids, if built for one)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -126,20 +182,123 @@ class ByteTransformer(nn.Module):
             x = block(x)
         return self.head(self.final_norm(x))
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-byte cross-entropy in nats."""
-        logits = self(tokens)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    def architecture(self) -> dict[str, Any]:
+        return {"class": "ByteTransformer", **asdict(self.cfg)}
 
 
-def build_model(cfg: ModelConfig, *, seed: int) -> ByteTransformer:
-    """A freshly initialised model; the same ``seed`` gives the same weights on every peer."""
+def is_hf_spec(spec: str) -> bool:
+    """Whether ``spec`` names a transformers folder (``hf:PATH``) rather than a preset."""
+    return spec.startswith(HF_PREFIX)
+
+
+def hf_path(spec: str) -> Path:
+    """The folder of an ``hf:PATH`` spec; ModelError if the spec names no path."""
+    path = spec.removeprefix(HF_PREFIX)
+    if not is_hf_spec(spec) or not path.strip():
+        raise ModelError(f"model spec {spec!r} must be hf:PATH, PATH a local transformers folder")
+    return Path(path).expanduser()
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise ModelError unless ``spec`` is a preset name or ``hf:PATH`` (the folder is read
+    when the model is built, so a spec can be checked on a machine that lacks it)."""
+    if is_hf_spec(spec):
+        hf_path(spec)
+    elif spec not in MODEL_PRESETS:
+        raise ModelError(
+            f"unknown model preset {spec!r}; choose one of {', '.join(MODEL_PRESETS)}, "
+            "or hf:PATH for a local folder with a transformers config.json"
+        )
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the body with the global CPU generator seeded, and put the generator back after:
+    building a model must not change the random stream of whoever asked for it."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return ByteTransformer(cfg)
+        yield
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+@overload
+def build_model(
+    spec: ModelConfig, *, seed: int, vocab_size: int | None = None
+) -> ByteTransformer: ...
+@overload
+def build_model(spec: str, *, seed: int, vocab_size: int | None = None) -> CausalLM: ...
+def build_model(spec: str | ModelConfig, *, seed: int, vocab_size: int | None = None) -> CausalLM:
+    """A freshly initialised model; the same ``seed`` gives the same weights on every peer.
+
+    ``spec`` is a preset name, ``hf:PATH`` or a :class:`ModelConfig`. ``vocab_size`` is the
+    vocabulary of the data (a tokenizer's, or 256 for bytes): a preset is built with that
+    many embedding rows (at least 256, the preset's own), and a transformers model must have
+    at least that many, or a ModelError says so. A spec that cannot be built raises
+    ModelError naming what is missing.
+    """
+    if vocab_size is not None and vocab_size < 1:
+        raise ModelError(f"vocab_size must be at least 1, got {vocab_size}")
+    if isinstance(spec, str) and is_hf_spec(spec):
+        from locod.peer.hf import build_hf_model
+
+        with seeded(seed):
+            return build_hf_model(hf_path(spec), vocab_size=vocab_size)
+    if isinstance(spec, str):
+        check_model_spec(spec)
+        cfg = model_config(spec)
+    else:
+        cfg = spec
+    if vocab_size is not None and vocab_size != cfg.vocab_size:
+        cfg = replace(cfg, vocab_size=max(VOCAB_SIZE, vocab_size))
+    with seeded(seed):
+        return ByteTransformer(cfg)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """Sizes of the model a spec builds, known without building it for real."""
+
+    parameters: int
+    """Trainable scalars (tied weights once)."""
+    blocks: int | None
+    """Repeated blocks found by ``peer.fragments.find_blocks``; None if it finds none."""
+    max_seq_len: int | None
+    vocab_size: int
+
+
+def model_shape(spec: str, *, vocab_size: int | None = None) -> ModelShape:
+    """The sizes of ``build_model(spec, vocab_size=...)``, from the spec's config alone.
+
+    Built on torch's meta device: no memory, no weights read, fast for any size; for
+    checking settings (fragment count, sequence length) before the real model is built.
+    ModelError as :func:`build_model`.
+    """
+    from locod.peer.fragments import find_blocks
+
+    if is_hf_spec(spec):
+        from locod.peer.hf import build_hf_model
+
+        model: CausalLM = build_hf_model(hf_path(spec), vocab_size=vocab_size, shapes_only=True)
+    else:
+        with torch.device("meta"):
+            model = build_model(spec, seed=0, vocab_size=vocab_size)
+    blocks = find_blocks(model)
+    return ModelShape(
+        parameters=count_parameters(model),
+        blocks=None if blocks is None else len(blocks),
+        max_seq_len=model.max_seq_len,
+        vocab_size=model.vocab_size,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

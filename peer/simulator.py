@@ -28,14 +28,15 @@ from locod.peer.config import OuterConfig
 from locod.peer.data import BatchSampler, Corpus, heldout_batches
 from locod.peer.fragments import (
     assign_flat,
-    auto_fragment_count,
+    auto_fragments,
+    derive_fragments,
+    find_blocks,
     flatten,
-    partition,
     validate_fragment_count,
     validate_schedule,
 )
 from locod.peer.inner import InnerConfig, InnerTrainer, evaluate
-from locod.peer.model import ByteTransformer, build_model, count_parameters, model_config
+from locod.peer.model import CausalLM, build_model, check_model_spec, count_parameters
 from locod.peer.outer import bounded_mean
 from locod.peer.streaming import StreamingDiLoCo
 
@@ -53,7 +54,7 @@ class SimulationConfig:
     steps: int = 200
     """Inner steps per peer."""
     model: str = "small"
-    """Model preset (see ``peer.model.MODEL_PRESETS``)."""
+    """Model spec: a preset (see ``peer.model.MODEL_PRESETS``) or ``hf:PATH``."""
     seed: int = 0
     """Seeds the initial weights (shared) and each peer's data stream (its own)."""
     eval_every: int = 0
@@ -79,7 +80,7 @@ class SimulationConfig:
             raise ValueError(
                 "ddp averages raw gradients: use --wire fp32 or --wire bf16 with --method ddp"
             )
-        model_config(self.model)
+        check_model_spec(self.model)
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -211,15 +212,17 @@ class InMemoryAverager:
         return None
 
 
-def _resolve_outer(cfg: SimulationConfig, num_blocks: int) -> OuterConfig:
+def _resolve_outer(cfg: SimulationConfig, model: CausalLM) -> OuterConfig:
     outer = copy.copy(cfg.outer)
     if cfg.method == "diloco":
         # DiLoCo is Streaming DiLoCo with P = 1, τ = 0, α = 0 (DESIGN §1), whatever the
         # outer config says; the CLI refuses flags that contradict this.
         outer.fragments, outer.overlap, outer.alpha = 1, 0, 0.0
     elif outer.fragments == 0:
-        outer.fragments = auto_fragment_count(num_blocks)
-    validate_fragment_count(outer.fragments, num_blocks)
+        outer.fragments = auto_fragments(model)
+    blocks = find_blocks(model)
+    if blocks is not None:
+        validate_fragment_count(outer.fragments, len(blocks))
     validate_schedule(outer.inner_steps, outer.fragments)
     return outer
 
@@ -229,10 +232,11 @@ def simulate(
 ) -> SimulationResult:
     """Run ``cfg.peers`` peers for ``cfg.steps`` inner steps and measure the result."""
     device = torch.device(cfg.device)
-    mcfg = model_config(cfg.model)
-    if cfg.inner.seq_len > mcfg.max_seq_len:
+    # Every peer starts from these weights (the same seed on every peer of a real run).
+    model = build_model(cfg.model, seed=cfg.seed, vocab_size=corpus.vocab_size)
+    if model.max_seq_len is not None and cfg.inner.seq_len > model.max_seq_len:
         raise ValueError(
-            f"seq_len {cfg.inner.seq_len} exceeds model {cfg.model}'s max of {mcfg.max_seq_len}"
+            f"seq_len {cfg.inner.seq_len} exceeds model {cfg.model}'s max of {model.max_seq_len}"
         )
     eval_set = heldout_batches(
         corpus.heldout,
@@ -252,9 +256,9 @@ def simulate(
     eval_every = cfg.eval_every or max(1, cfg.steps // 5)
     started = time.perf_counter()
     if cfg.method == "ddp":
-        run = _DataParallelRun(cfg, samplers, device)
+        run = _DataParallelRun(cfg, model, samplers, device)
     else:
-        run = _OuterRun(cfg, samplers, device)  # type: ignore[assignment]
+        run = _OuterRun(cfg, model, samplers, device)  # type: ignore[assignment]
     curve: list[tuple[int, float]] = []
     train_loss = float("nan")
     tokens = 0
@@ -300,13 +304,15 @@ class _DataParallelRun:
     """The baseline: M peers' gradients averaged every step (one model stands for all M)."""
 
     def __init__(
-        self, cfg: SimulationConfig, samplers: list[BatchSampler], device: torch.device
+        self,
+        cfg: SimulationConfig,
+        model: CausalLM,
+        samplers: list[BatchSampler],
+        device: torch.device,
     ) -> None:
         self.cfg = cfg
         self.samplers = samplers
-        self.trainer = InnerTrainer(
-            build_model(model_config(cfg.model), seed=cfg.seed), cfg.inner, device=device
-        )
+        self.trainer = InnerTrainer(copy.deepcopy(model), cfg.inner, device=device)
         self.parameters = count_parameters(self.trainer.model)
         self.num_fragments = 1
         self.outer_cfg = cfg.outer
@@ -337,7 +343,7 @@ class _DataParallelRun:
     def finish(self, step: int) -> None:
         return None
 
-    def eval_model(self) -> ByteTransformer:
+    def eval_model(self) -> torch.nn.Module:
         return self.trainer.model
 
     def replica_losses(
@@ -359,35 +365,32 @@ class _OuterRun:
     """M replicas, each with its own Streaming DiLoCo outer loop, on an in-memory hub."""
 
     def __init__(
-        self, cfg: SimulationConfig, samplers: list[BatchSampler], device: torch.device
+        self,
+        cfg: SimulationConfig,
+        model: CausalLM,
+        samplers: list[BatchSampler],
+        device: torch.device,
     ) -> None:
         self.cfg = cfg
         self.samplers = samplers
-        mcfg = model_config(cfg.model)
-        self.outer_cfg = _resolve_outer(cfg, mcfg.n_layers)
+        self.outer_cfg = _resolve_outer(cfg, model)
         self.hub = InMemoryHub(
             cfg.peers, self.outer_cfg.wire, seed=cfg.seed, clip_factor=self.outer_cfg.clip_factor
         )
         self.trainers: list[InnerTrainer] = []
         self.workers: list[StreamingDiLoCo] = []
         for peer in range(cfg.peers):
-            trainer = InnerTrainer(build_model(mcfg, seed=cfg.seed), cfg.inner, device=device)
-            fragments = partition(
-                trainer.model,
-                list(trainer.model.blocks),
-                self.outer_cfg.fragments,
-                self.outer_cfg.layout,
+            trainer = InnerTrainer(copy.deepcopy(model), cfg.inner, device=device)
+            fragments = derive_fragments(
+                trainer.model, self.outer_cfg.fragments, self.outer_cfg.layout
             )
             self.trainers.append(trainer)
             self.workers.append(StreamingDiLoCo(fragments, self.outer_cfg, self.hub.averager(peer)))
         self.parameters = count_parameters(self.trainers[0].model)
         self.num_fragments = self.outer_cfg.fragments
         self._eval_model = copy.deepcopy(self.trainers[0].model)
-        self._eval_fragments = partition(
-            self._eval_model,
-            list(self._eval_model.blocks),
-            self.num_fragments,
-            self.outer_cfg.layout,
+        self._eval_fragments = derive_fragments(
+            self._eval_model, self.num_fragments, self.outer_cfg.layout
         )
 
     def step(self, step: int) -> float:
@@ -416,7 +419,7 @@ class _OuterRun:
                 worker.perform(step)
             self.hub.bytes_at_step = defaultdict(float, before)
 
-    def eval_model(self) -> ByteTransformer:
+    def eval_model(self) -> torch.nn.Module:
         """A model holding θ_g, the outer parameters (identical on every peer)."""
         for fragment, global_params in zip(
             self._eval_fragments, self.workers[0].global_params, strict=True

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install locod with its test tools into it.
+# Create .venv (once) and install locod with its test tools and the hf extra into it
+# (transformers, tokenizers, safetensors, pyarrow: the tests cover hf: models and tokenizers).
 #
 # torch is installed first at a pinned CPU-friendly version when the venv has none:
 # pyproject.toml keeps a range so that users with GPUs get their own build, but an
@@ -25,5 +26,5 @@ fi
 if ! "$VENV_PY" -c 'import torch' 2>/dev/null; then
     "$VENV_PY" -m pip install --quiet "torch==${LOCOD_TORCH_VERSION:-2.13.0}"
 fi
-"$VENV_PY" -m pip install --quiet -e ".[test]"
+"$VENV_PY" -m pip install --quiet -e ".[test,hf]"
 echo "$want" > "$stamp"

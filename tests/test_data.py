@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -238,9 +239,11 @@ def test_same_files_reuse_the_cache_and_a_changed_file_rebuilds_it(
     packed: list[Path] = []
     real_pack = data._pack
 
-    def counting_pack(files: Sequence[tuple[Path, str]], destination: Path) -> None:
+    def counting_pack(
+        files: Sequence[tuple[Path, str]], destination: Path, *rest: Any, **kwargs: Any
+    ) -> None:
         packed.append(destination)
-        real_pack(files, destination)
+        real_pack(files, destination, *rest, **kwargs)
 
     monkeypatch.setattr(data, "_pack", counting_pack)
 
