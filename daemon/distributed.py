@@ -324,6 +324,8 @@ class FollowerSite:
         self.ctx = None
         self.averager = None
         self.redraw: Callable[[], None] = lambda: None
+        self.listen_address = ""
+        """Rank 0 serves the site's gRPC; this rank serves nothing."""
 
     def __enter__(self) -> FollowerSite:
         return self

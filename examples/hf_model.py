@@ -14,6 +14,7 @@ local tokenizer.json, the data from local text files.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import threading
@@ -81,7 +82,7 @@ def main() -> None:
         outer = site.streaming_diloco(
             model, inner_steps=20, fragments=3, tokenizer=str(args.tokenizer)
         )
-        batches = token_windows(ids, batch=8, context=32, seed=int(site.peer_id[:8], 16))
+        batches = token_windows(ids, batch=8, context=32, seed=int.from_bytes(os.urandom(4), "big"))
         loss = torch.tensor(float("nan"))
         while outer.inner_step < args.steps and not stop.is_set():
             window = next(batches)

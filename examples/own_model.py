@@ -5,6 +5,7 @@ the model (to average its fragments with the other sites) and a token count per 
 
     python examples/own_model.py                          # found a run, print its address
     python examples/own_model.py --join 127.0.0.1:PORT --state-dir site-2   # join it
+    torchrun --standalone --nproc-per-node 2 examples/own_model.py   # a site of 2 ranks (DDP)
 
 Each site trains a small byte-level transformer on text of Python's standard library
 (every machine with Python has it: nothing is downloaded).
@@ -13,6 +14,7 @@ Each site trains a small byte-level transformer on text of Python's standard lib
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import sysconfig
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import locod
 
@@ -70,8 +73,14 @@ def main() -> None:
     parser.add_argument("--linger", action="store_true", help="serve after the last step")
     args = parser.parse_args()
 
+    # Under torchrun this site has several ranks: your own DDP, locod between the sites.
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1:
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if ranks > 1 else 0
     torch.manual_seed(0)  # every site starts from the same weights (joiners download anyway)
     model = TinyByteLM()
+    forward = DistributedDataParallel(model) if ranks > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     settings = {
         "state_dir": args.state_dir,
@@ -86,14 +95,16 @@ def main() -> None:
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with site:
-        print(f"ADDRESS {site.listen_address}", flush=True)
+    with site:  # on every rank: rank 0 gets the site, the others take part in its syncs
+        if rank == 0:
+            print(f"ADDRESS {site.listen_address}", flush=True)
         outer = site.streaming_diloco(model, blocks=model.layers, inner_steps=20, fragments=3)
         loss = torch.tensor(float("nan"))
-        batches = text_batches(batch=8, context=64, seed=int(site.peer_id[:8], 16))
-        while outer.inner_step < args.steps and not stop.is_set():
+        batches = text_batches(batch=8, context=64, seed=int.from_bytes(os.urandom(4), "big"))
+        # Every rank must stop at the same step: steps are counted the same on every rank.
+        while outer.inner_step < args.steps and not (stop.is_set() and ranks == 1):
             window = next(batches)
-            logits = model(window[:, :-1])
+            logits = forward(window[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,8 +112,9 @@ def main() -> None:
             optimizer.zero_grad()
             outer.step(tokens=window[:, 1:].numel(), loss=float(loss))
         outer.finish()
-        print(f"FINISHED step {outer.inner_step} loss {float(loss):.3f}", flush=True)
-        if args.linger:
+        if rank == 0:
+            print(f"FINISHED step {outer.inner_step} tokens {outer.tokens}", flush=True)
+        if args.linger and rank == 0:
             site.board.update(state="finished")
             stop.wait()
 

@@ -31,32 +31,43 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from locod.daemon.distributed import FollowerSite
     from locod.daemon.outer_loop import OuterLoop
     from locod.daemon.site import Site, StartError
 
 __all__ = ["OuterLoop", "Site", "StartError", "found", "join"]
 
 
-def found(run: str = "locod-demo", **settings: Any) -> Site:
-    """A site that starts a new run named ``run`` (use it in a ``with`` block)."""
-    from locod.daemon.config import site_config
-    from locod.daemon.site import Site
+def found(run: str = "locod-demo", **settings: Any) -> Site | FollowerSite:
+    """A site that starts a new run named ``run`` (use it in a ``with`` block).
 
+    Under torch.distributed (a site of many ranks), call it on every rank: rank 0 gets
+    the site, the other ranks a stand-in that takes part in the site's collectives.
+    """
     if settings.get("join"):
         raise TypeError("found() starts a new run; to join one, use locod.join(..., join=[...])")
-    return Site(site_config(run=run, **settings))
+    return _site(run=run, **settings)
 
 
-def join(run: str, join: str | Sequence[str], **settings: Any) -> Site:
+def join(run: str, join: str | Sequence[str], **settings: Any) -> Site | FollowerSite:
     """A site that joins the run ``run`` through ``join``: peers' ``HOST:PORT`` gRPC
-    addresses or DHT multiaddrs (use it in a ``with`` block)."""
-    from locod.daemon.config import site_config
-    from locod.daemon.site import Site
-
+    addresses or DHT multiaddrs (use it in a ``with`` block; on every rank of a site)."""
     addresses = (join,) if isinstance(join, str) else tuple(join)
     if not addresses:
         raise TypeError("join() needs at least one peer of the run to join through")
-    return Site(site_config(run=run, join=addresses, **settings))
+    return _site(run=run, join=addresses, **settings)
+
+
+def _site(**settings: Any) -> Site | FollowerSite:
+    from locod.daemon.config import site_config
+    from locod.daemon.distributed import FollowerSite, group_of_initialized
+    from locod.daemon.site import Site
+
+    cfg = site_config(**settings)
+    ranks = group_of_initialized()
+    if ranks is not None and not ranks.leader:
+        return FollowerSite(cfg, ranks)
+    return Site(cfg)
 
 
 def __getattr__(name: str) -> Any:

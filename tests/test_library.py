@@ -138,3 +138,32 @@ def test_two_sites_of_the_hf_example_agree_and_strangers_are_refused(
         errors = (sites.root / f"{name}.err").read_text()
         assert expected in errors, errors[-3000:]
         assert "contradict the run's config" in errors
+
+
+def test_the_own_model_example_under_torchrun_is_one_site_of_two_ranks(tmp_path: Path) -> None:
+    """The user's own DDP loop, two ranks, locod.found and streaming_diloco on each."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(EXAMPLES / "own_model.py"),
+            "--state-dir",
+            str(tmp_path / "site"),
+            "--steps",
+            "30",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    finished = [line for line in out.stdout.splitlines() if "FINISHED" in line]
+    assert len(finished) == 1, out.stdout  # rank 0 speaks for the site
+    # Both ranks' tokens: 30 steps × 2 ranks × 8 windows × 64 tokens.
+    assert finished[0].endswith(f"step 30 tokens {30 * 2 * 8 * 64}"), finished
