@@ -121,17 +121,17 @@ def check_model(name: str, device: torch.device, batch: int, seq: int, steps: in
     )
 
 
-def two_sites(devices: list[str], steps: int, root: Path) -> dict[str, Any]:
+def two_sites(devices: list[str], steps: int, root: Path, model: str) -> dict[str, Any]:
     """A founder and a joiner (``locod start``) on loopback, each on its device."""
     from locod.daemon.status import query_status
 
     common = [
         "--model",
-        "small",
+        model,
         "--batch-size",
         "8",
         "--seq-len",
-        "256",
+        "128",
         "--inner-steps",
         "20",
         "--max-steps",
@@ -215,6 +215,7 @@ def two_sites(devices: list[str], steps: int, root: Path) -> dict[str, Any]:
         hashes = [[f["global_hash"] for f in s["fragments"]] for s in statuses]
         return {
             "devices": devices,
+            "model": model,
             "steps": steps,
             "tokens_per_s": [round(s["tokens_per_s"], 1) for s in statuses],
             "wait_fraction": [round(s["wait_fraction"], 4) for s in statuses],
@@ -258,7 +259,8 @@ def main() -> int:
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     devices = ["cuda:0", "cuda:1"] if count >= 2 else [str(device), str(device)]
     with tempfile.TemporaryDirectory() as scratch:
-        sites = two_sites(devices, 40 if options.quick else 200, Path(scratch))
+        model = "tiny" if options.quick else "small"
+        sites = two_sites(devices, 40 if options.quick else 200, Path(scratch), model)
     print(json.dumps(sites), flush=True)
     rows = [
         [
@@ -287,7 +289,8 @@ def main() -> int:
             ],
             rows,
         )
-        + f"\n\nTwo sites ({', '.join(sites['devices'])}), `small`, {sites['steps']} steps: "
+        + f"\n\nTwo sites ({', '.join(sites['devices'])}), `{sites['model']}`, "
+        f"{sites['steps']} steps: "
         f"tokens/s {sites['tokens_per_s']}, time waiting on the network "
         f"{sites['wait_fraction']}, rounds {sites['rounds_applied']}, θ_g identical: "
         f"{sites['theta_g_agrees']}."
